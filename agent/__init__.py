@@ -1,0 +1,1 @@
+"""The rig-agent runtime: CLI, supervisor, signal handling and logging."""

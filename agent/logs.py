@@ -1,0 +1,66 @@
+"""Logging setup: JSON lines when stdout is not a terminal, a readable console otherwise."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Literal, TextIO
+
+import structlog
+
+__all__ = ["configure_logging"]
+
+LogFormat = Literal["auto", "json", "console"]
+
+
+def configure_logging(
+    level: str = "info", log_format: LogFormat = "auto", stream: TextIO | None = None
+) -> None:
+    """Configure structlog and route stdlib loggers (pymodbus, paho) through the same renderer.
+
+    `stream` defaults to stdout; `auto` picks JSON lines unless it is a terminal.
+    """
+    out = stream if stream is not None else sys.stdout
+    as_json = not out.isatty() if log_format == "auto" else log_format == "json"
+    numeric_level = logging.getLevelNamesMapping()[level.upper()]
+    shared: list[structlog.types.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.StackInfoRenderer(),
+    ]
+    renderer: structlog.types.Processor
+    if as_json:
+        renderer = structlog.processors.JSONRenderer()
+        exception_processors: list[structlog.types.Processor] = [
+            structlog.processors.dict_tracebacks
+        ]
+    else:
+        renderer = structlog.dev.ConsoleRenderer(colors=out.isatty())
+        exception_processors = [structlog.dev.set_exc_info]
+
+    structlog.configure(
+        processors=[*shared, *exception_processors, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric_level),
+        logger_factory=structlog.WriteLoggerFactory(file=out),
+        cache_logger_on_first_use=False,
+    )
+
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                *([structlog.processors.dict_tracebacks] if as_json else []),
+                renderer,
+            ],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(numeric_level)
+    # pymodbus logs every failed request at ERROR. The driver reports failures itself,
+    # rate-limited, so the library's own lines are shown only at debug level.
+    library_level = logging.DEBUG if numeric_level <= logging.DEBUG else logging.CRITICAL
+    logging.getLogger("pymodbus").setLevel(library_level)

@@ -1,0 +1,67 @@
+"""`rig-agent status`: read the buffer of a running (or stopped) agent and print its state."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from buffer.reading import format_ts
+from buffer.store import BufferDatabaseError, BufferStats, read_stats
+
+__all__ = ["format_stats", "run_status"]
+
+
+def run_status(config_path: Path, *, watch: bool, as_json: bool) -> int:
+    """Print the buffer state for the config's data_dir; refresh every second with `watch`."""
+    from config.loader import ConfigError, load_config
+
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    sinks = config.enabled_sinks()
+    try:
+        while True:
+            try:
+                stats = read_stats(config.agent.data_dir, sinks)
+            except (FileNotFoundError, BufferDatabaseError) as exc:
+                print(str(exc), file=sys.stderr)
+                return 1
+            if as_json:
+                print(json.dumps(asdict(stats), default=str))
+            else:
+                if watch:
+                    print("\x1b[H\x1b[2J", end="")
+                print(format_stats(config.agent.rig_id, stats))
+            if not watch:
+                return 0
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        return 0
+
+
+def format_stats(rig_id: str, stats: BufferStats) -> str:
+    """Render buffer statistics as a plain-text screen."""
+    lines = [
+        f"rig {rig_id}: last seq {stats.last_seq}, {stats.rows} readings buffered, "
+        f"{stats.dropped_rows} dropped, {stats.db_bytes / 1024**2:.1f} MiB on disk",
+        "",
+        f"{'sink':<12} {'cursor':>12} {'depth':>10}",
+    ]
+    if not stats.sinks:
+        lines.append("(no sinks enabled: readings stay in the buffer)")
+    for sink in stats.sinks:
+        lines.append(f"{sink.name:<12} {sink.cursor:>12} {sink.depth:>10}")
+
+    lines += ["", f"{'source':<16} {'channel':<24} {'value':>14} {'unit':<8} {'quality':<9} time"]
+    for ch in stats.channels:
+        value = "-" if ch.value is None else f"{ch.value:.6g}"
+        lines.append(
+            f"{ch.source:<16} {ch.channel:<24} {value:>14} {ch.unit:<8} "
+            f"{ch.quality.value:<9} {format_ts(ch.ts_us)}"
+        )
+    return "\n".join(lines)

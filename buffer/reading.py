@@ -1,0 +1,59 @@
+"""The reading record that drivers produce, the buffer stores and sinks deliver."""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import time
+from dataclasses import dataclass
+
+__all__ = ["Quality", "Reading", "StoredReading", "format_ts", "now_us"]
+
+
+class Quality(enum.StrEnum):
+    """OPC-style quality of one reading."""
+
+    GOOD = "good"
+    UNCERTAIN = "uncertain"
+    BAD = "bad"
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """One value of one channel, timestamped when the device was read.
+
+    `ts_us` is UTC in microseconds since the Unix epoch. `value` is None only
+    for a `bad` reading that marks the start of an outage of that channel.
+    """
+
+    ts_us: int
+    source: str
+    channel: str
+    value: float | None
+    unit: str
+    quality: Quality = Quality.GOOD
+
+
+@dataclass(frozen=True, slots=True)
+class StoredReading:
+    """A reading as read back from the buffer, with the `seq` the buffer gave it."""
+
+    seq: int
+    ts_us: int
+    source: str
+    channel: str
+    value: float | None
+    unit: str
+    quality: Quality
+
+
+def now_us() -> int:
+    """Return the current UTC time in microseconds since the Unix epoch."""
+    return time.time_ns() // 1000
+
+
+def format_ts(ts_us: int) -> str:
+    """Format microseconds since the epoch as RFC 3339 UTC with microseconds."""
+    seconds, micros = divmod(ts_us, 1_000_000)
+    base = dt.datetime.fromtimestamp(seconds, tz=dt.UTC)
+    return f"{base:%Y-%m-%dT%H:%M:%S}.{micros:06d}Z"

@@ -1,0 +1,709 @@
+"""The SQLite buffer: one dedicated thread owns the connection; asyncio calls into it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import functools
+import sqlite3
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Self, TypeVar
+
+import structlog
+
+from buffer.reading import Quality, Reading, StoredReading
+
+__all__ = [
+    "DB_FILENAME",
+    "Buffer",
+    "BufferDatabaseError",
+    "BufferStats",
+    "ChannelValue",
+    "CorruptDatabaseError",
+    "ForeignDatabaseError",
+    "SinkStats",
+    "check_reading",
+    "read_stats",
+]
+
+log = structlog.get_logger(__name__)
+
+_T = TypeVar("_T")
+
+DB_FILENAME = "buffer.sqlite3"
+SCHEMA_VERSION = 1
+"""Stored in `PRAGMA user_version`."""
+APPLICATION_ID = 0x52474142
+"""Stored in `PRAGMA application_id` ("RGAB" in ASCII) to tell a buffer from other SQLite files."""
+BUSY_TIMEOUT_MS = 5000
+JOURNAL_SIZE_LIMIT = 64 * 1024**2
+"""Bytes the WAL file is truncated to after a checkpoint resets it."""
+CHECKPOINT_BUSY_TIMEOUT_MS = 200
+"""How long a TRUNCATE checkpoint may wait for readers, so it never stalls appends for long."""
+DELETE_CHUNK_ROWS = 50_000
+"""Rows deleted per call on the SQLite thread, so appends can run between chunks."""
+CLEANUP_INTERVAL = 1.0
+"""Seconds between checks for acknowledged rows to delete."""
+COMPACT_INTERVAL = 60.0
+"""Seconds between returning free pages to the filesystem and truncating the WAL."""
+DIR_MODE = 0o750
+
+_QUALITY_CODES: dict[Quality, int] = {Quality.GOOD: 0, Quality.UNCERTAIN: 1, Quality.BAD: 2}
+_QUALITY_BY_CODE: dict[int, Quality] = {code: q for q, code in _QUALITY_CODES.items()}
+_CORRUPTION_CODES = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
+
+# auto_vacuum must be set before journal_mode=WAL and before the first table is created,
+# otherwise SQLite silently keeps it off.
+_PRAGMAS = (
+    "PRAGMA auto_vacuum = INCREMENTAL",
+    "PRAGMA journal_mode = WAL",
+    "PRAGMA synchronous = FULL",
+    f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}",
+    f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}",
+)
+_SCHEMA = (
+    # AUTOINCREMENT keeps seq from being reused after rows are deleted: sinks compare
+    # seq against their cursor, so a reused seq would be skipped.
+    """CREATE TABLE readings (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        ts_us INTEGER NOT NULL,
+        channel_id INTEGER NOT NULL,
+        value REAL,
+        quality INTEGER NOT NULL
+    )""",
+    """CREATE TABLE channels (
+        id INTEGER PRIMARY KEY,
+        source TEXT,
+        channel TEXT,
+        unit TEXT,
+        last_ts_us,
+        last_value,
+        last_quality,
+        UNIQUE (source, channel)
+    )""",
+    "CREATE TABLE cursors (sink TEXT PRIMARY KEY, seq INTEGER NOT NULL)",
+    "CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)",
+    "INSERT INTO counters (name, value) VALUES ('dropped_rows', 0)",
+    f"PRAGMA application_id = {APPLICATION_ID}",
+    f"PRAGMA user_version = {SCHEMA_VERSION}",
+)
+
+_INSERT_READING = "INSERT INTO readings (ts_us, channel_id, value, quality) VALUES (?, ?, ?, ?)"
+_INSERT_CHANNEL = "INSERT INTO channels (source, channel, unit) VALUES (?, ?, ?)"
+# NOTE: the unit belongs to the channel row, so after a unit change in the config the
+# readings still buffered from before the change are read back with the new unit.
+_UPDATE_CHANNEL_LAST = (
+    "UPDATE channels SET unit = ?, last_ts_us = ?, last_value = ?, last_quality = ? WHERE id = ?"
+)
+_SELECT_CHANNEL_IDS = "SELECT source, channel, id FROM channels"
+_SELECT_LAST_SEQ = "SELECT seq FROM sqlite_sequence WHERE name = 'readings'"
+_SELECT_SEQ_RANGE = "SELECT min(seq), max(seq) FROM readings"
+_SELECT_BATCH = """
+    SELECT r.seq, r.ts_us, c.source, c.channel, r.value, c.unit, r.quality
+    FROM readings AS r JOIN channels AS c ON c.id = r.channel_id
+    WHERE r.seq > ? ORDER BY r.seq LIMIT ?
+"""
+_UPSERT_CURSOR = """
+    INSERT INTO cursors (sink, seq) VALUES (?, ?)
+    ON CONFLICT (sink) DO UPDATE SET seq = max(seq, excluded.seq)
+"""
+_SELECT_CURSORS = "SELECT sink, seq FROM cursors"
+_DELETE_UP_TO = "DELETE FROM readings WHERE seq <= ?"
+_SELECT_COUNTER = "SELECT value FROM counters WHERE name = ?"
+_SELECT_CHANNEL_VALUES = """
+    SELECT source, channel, unit, last_ts_us, last_value, last_quality
+    FROM channels WHERE last_ts_us IS NOT NULL ORDER BY source, channel
+"""
+_SELECT_TABLES = "SELECT name FROM sqlite_master WHERE type = 'table'"
+
+
+class BufferDatabaseError(Exception):
+    """The buffer database file cannot be opened or used."""
+
+    def __init__(self, path: Path, message: str) -> None:
+        self.path = path
+        super().__init__(message)
+
+
+class CorruptDatabaseError(BufferDatabaseError):
+    """SQLite reports the buffer file as corrupt or as not a database at all."""
+
+
+class ForeignDatabaseError(BufferDatabaseError):
+    """The file is a valid SQLite database but not a rig-agent buffer of a known schema."""
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelValue:
+    """The newest reading of one channel."""
+
+    source: str
+    channel: str
+    unit: str
+    ts_us: int
+    value: float | None
+    quality: Quality
+
+
+@dataclass(frozen=True, slots=True)
+class SinkStats:
+    """Delivery state of one sink."""
+
+    name: str
+    cursor: int
+    depth: int
+    """Readings in the buffer with `seq` above the cursor."""
+
+
+@dataclass(frozen=True, slots=True)
+class BufferStats:
+    """A snapshot of the buffer for `status` and metrics."""
+
+    last_seq: int
+    rows: int
+    dropped_rows: int
+    db_bytes: int
+    sinks: list[SinkStats] = field(default_factory=list)
+    channels: list[ChannelValue] = field(default_factory=list)
+
+
+class _State(enum.Enum):
+    NEW = "new"
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+def check_reading(reading: Reading) -> None:
+    """Raise TypeError unless every field of the reading has a type the buffer can store.
+
+    A wrong type would fail the whole batch's transaction on every retry, so it is
+    rejected before the reading is accepted. NaN is accepted: SQLite stores it as NULL,
+    so it reads back as None.
+    """
+    where = f"reading of {reading.source!r}/{reading.channel!r}"
+    if not isinstance(reading.ts_us, int):
+        message = f"{where} has ts_us {reading.ts_us!r}: expected int microseconds since the epoch"
+        raise TypeError(message)
+    if reading.value is not None and not isinstance(reading.value, int | float):
+        message = f"{where} has value {reading.value!r}: expected a float or None"
+        raise TypeError(message)
+    if reading.quality not in _QUALITY_CODES:
+        message = f"{where} has quality {reading.quality!r}: expected a buffer.reading.Quality"
+        raise TypeError(message)
+    for name in ("source", "channel", "unit"):
+        if not isinstance(getattr(reading, name), str):
+            message = f"{where} has {name} {getattr(reading, name)!r}: expected a str"
+            raise TypeError(message)
+
+
+class Buffer:
+    """Store-and-forward buffer in `data_dir/buffer.sqlite3`.
+
+    `sinks` are the enabled sinks: rows acknowledged by all of them are
+    deleted in the background. With no enabled sink nothing is deleted.
+    Every database call runs on one dedicated thread that owns the connection.
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        sinks: Sequence[str],
+        *,
+        cleanup_interval: float = CLEANUP_INTERVAL,
+        compact_interval: float = COMPACT_INTERVAL,
+    ) -> None:
+        self.data_dir = Path(data_dir)
+        self.path = self.data_dir / DB_FILENAME
+        self.sinks = tuple(sinks)
+        self._cleanup_interval = cleanup_interval
+        self._compact_interval = compact_interval
+        self._state = _State.NEW
+        self._executor: ThreadPoolExecutor | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._cleanup_task: asyncio.Task[None] | None = None
+        self._data_event = asyncio.Event()
+
+        # The SQLite thread writes these after each commit, and the event loop reads them.
+        self._last_seq = 0
+        self._cursors: dict[str, int] = {}
+        # Only the SQLite thread uses these.
+        self._conn: sqlite3.Connection | None = None
+        self._channel_ids: dict[tuple[str, str], int] = {}
+        self._deleted_up_to = 0
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def open(self) -> None:
+        """Create or open the database on the SQLite thread; check the schema."""
+        if self._state is not _State.NEW:
+            message = f"buffer {self.path} is {self._state.value}: a Buffer opens only once"
+            raise RuntimeError(message)
+        self._loop = asyncio.get_running_loop()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-buffer")
+        try:
+            await self._call(self._open_sync)
+        except BaseException:
+            # A cancelled open may still be running on the thread: close after it.
+            self._executor.submit(self._close_sync)
+            self._executor.shutdown(wait=False)
+            self._executor = None
+            raise
+        self._state = _State.OPEN
+        self._cleanup_task = asyncio.create_task(self._cleanup_loop(), name="buffer-cleanup")
+        log.info("buffer_opened", path=str(self.path), last_seq=self._last_seq)
+
+    async def aclose(self) -> None:
+        """Finish background work, close the connection and stop the thread."""
+        if self._state is not _State.OPEN:
+            return
+        self._state = _State.CLOSED
+        if self._cleanup_task is not None:
+            self._cleanup_task.cancel()
+            await asyncio.wait([self._cleanup_task])
+        executor = self._executor
+        if executor is not None:
+            try:
+                await asyncio.get_running_loop().run_in_executor(executor, self._close_sync)
+            finally:
+                executor.shutdown(wait=True)
+                self._executor = None
+        log.info("buffer_closed", path=str(self.path), last_seq=self._last_seq)
+
+    @property
+    def last_seq(self) -> int:
+        """Highest `seq` committed so far (0 for an empty new database).
+
+        After `aclose` it stays readable and keeps the last value.
+        """
+        return self._last_seq
+
+    async def append(self, readings: Sequence[Reading]) -> tuple[int, int]:
+        """Insert readings in one transaction; return the first and last `seq` given.
+
+        An empty batch touches nothing and returns `(last_seq + 1, last_seq)`. The
+        transaction completes on the SQLite thread even if the caller is cancelled.
+        """
+        self._require_open()
+        if not readings:
+            return self._last_seq + 1, self._last_seq
+        return await self._call(functools.partial(self._append_sync, list(readings)))
+
+    async def wait_for_data(self, after_seq: int, timeout: float) -> bool:  # noqa: ASYNC109 - sinks use this signature
+        """Wait until `last_seq > after_seq` or the timeout passes; return which."""
+        self._require_open()
+        try:
+            async with asyncio.timeout(timeout):
+                while self._last_seq <= after_seq:
+                    await self._data_event.wait()
+        except TimeoutError:
+            return self._last_seq > after_seq
+        return True
+
+    async def cursor(self, sink: str) -> int:
+        """Return the committed cursor of a sink (0 when it has none yet)."""
+        self._require_open()
+        return self._cursors.get(sink, 0)
+
+    async def read_batch(
+        self, sink: str, limit: int, after_seq: int | None = None
+    ) -> list[StoredReading]:
+        """Return up to `limit` readings with `seq` above `after_seq` (default: the cursor)."""
+        self._require_open()
+        if limit < 1:
+            message = f"read_batch limit is {limit}: expected at least 1"
+            raise ValueError(message)
+        start = self._cursors.get(sink, 0) if after_seq is None else after_seq
+        return await self._call(functools.partial(self._read_batch_sync, start, limit))
+
+    async def commit_cursor(self, sink: str, seq: int) -> None:
+        """Durably move a sink's cursor forward to `seq`; a lower value is ignored.
+
+        Raises ValueError for a `seq` above `last_seq`, because such a cursor would let
+        the background cleanup delete readings that no sink has seen.
+        """
+        self._require_open()
+        if seq < 0 or seq > self._last_seq:
+            message = (
+                f"cursor of sink {sink!r} cannot move to seq {seq}: "
+                f"expected 0 to last_seq {self._last_seq}"
+            )
+            raise ValueError(message)
+        if seq <= self._cursors.get(sink, 0):
+            return
+        await self._call(functools.partial(self._commit_cursor_sync, sink, seq))
+
+    async def stats(self) -> BufferStats:
+        """Return a snapshot of depths, counters and the newest value per channel."""
+        self._require_open()
+        return await self._call(self._stats_sync)
+
+    async def delete_acknowledged(self) -> int:
+        """Delete rows that every enabled sink has acknowledged and return their count.
+
+        The background cleanup task calls this about once a second.
+        """
+        self._require_open()
+        deleted = 0
+        while True:
+            count, more = await self._call(self._delete_chunk_sync)
+            deleted += count
+            if not more:
+                return deleted
+
+    async def compact(self) -> None:
+        """Return free pages to the filesystem and truncate the WAL file."""
+        self._require_open()
+        await self._call(self._compact_sync)
+
+    # Event-loop side helpers.
+
+    def _require_open(self) -> None:
+        if self._state is not _State.OPEN:
+            message = f"buffer {self.path} is {self._state.value}: expected an open buffer"
+            raise RuntimeError(message)
+
+    async def _call(self, func: Callable[[], _T]) -> _T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, func)
+
+    def _wake_waiters(self) -> None:
+        self._data_event.set()
+        self._data_event = asyncio.Event()
+
+    async def _cleanup_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_compact = loop.time() + self._compact_interval
+        deleted_since_compact = 0
+        failures = 0
+        while True:
+            await asyncio.sleep(self._cleanup_interval)
+            try:
+                deleted_since_compact += await self.delete_acknowledged()
+                if deleted_since_compact and loop.time() >= next_compact:
+                    await self.compact()
+                    deleted_since_compact = 0
+                    next_compact = loop.time() + self._compact_interval
+            except Exception as exc:  # cleanup is retried next time and must not stop
+                failures += 1
+                level = log.warning if failures == 1 else log.debug
+                level(
+                    "buffer_cleanup_failed",
+                    path=str(self.path),
+                    error=str(exc),
+                    error_type=type(exc).__name__,
+                    count=failures,
+                )
+                continue
+            if failures:
+                log.info("buffer_cleanup_recovered", path=str(self.path), failures=failures)
+                failures = 0
+
+    # SQLite-thread side: everything below runs on the executor's single thread.
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            message = f"buffer {self.path} has no open connection"
+            raise RuntimeError(message)
+        return self._conn
+
+    def _open_sync(self) -> None:
+        self.data_dir.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        try:
+            try:
+                self._conn = sqlite3.connect(self.path, isolation_level=None)
+            except sqlite3.Error as exc:
+                raise _open_error(self.path, exc) from exc
+            _open_schema(self._conn, self.path)
+            self._load_state(self._conn)
+        except BaseException:
+            self._close_sync()
+            raise
+
+    def _load_state(self, conn: sqlite3.Connection) -> None:
+        self._last_seq = _fetch_last_seq(conn)
+        self._cursors = dict(conn.execute(_SELECT_CURSORS).fetchall())
+        self._channel_ids = {
+            (source, channel): channel_id
+            for source, channel, channel_id in conn.execute(_SELECT_CHANNEL_IDS)
+        }
+        low, _high = conn.execute(_SELECT_SEQ_RANGE).fetchone()
+        self._deleted_up_to = self._last_seq if low is None else low - 1
+
+    def _close_sync(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _append_sync(self, readings: list[Reading]) -> tuple[int, int]:
+        for reading in readings:
+            check_reading(reading)
+        conn = self._connection()
+        new_channels: dict[tuple[str, str], int] = {}
+        newest: dict[int, Reading] = {}
+        rows: list[tuple[int, int, float | None, int]] = []
+
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for reading in readings:
+                channel_id = self._channel_id(conn, reading, new_channels)
+                rows.append(
+                    (reading.ts_us, channel_id, reading.value, _QUALITY_CODES[reading.quality])
+                )
+                # Readings of one channel arrive in the order they were read, so the
+                # last one in the batch is the newest even if the clock stepped back.
+                newest[channel_id] = reading
+            conn.executemany(_INSERT_READING, rows)
+            conn.executemany(
+                _UPDATE_CHANNEL_LAST,
+                [
+                    (r.unit, r.ts_us, r.value, _QUALITY_CODES[r.quality], channel_id)
+                    for channel_id, r in newest.items()
+                ],
+            )
+            last_seq = _fetch_last_seq(conn)
+            conn.execute("COMMIT")
+        except BaseException:
+            _rollback(conn)
+            raise
+
+        # Channel ids become visible only once committed: a rolled-back id may be reused.
+        self._channel_ids.update(new_channels)
+        self._last_seq = last_seq
+        self._notify_loop()
+        return last_seq - len(readings) + 1, last_seq
+
+    def _channel_id(
+        self, conn: sqlite3.Connection, reading: Reading, new_channels: dict[tuple[str, str], int]
+    ) -> int:
+        key = (reading.source, reading.channel)
+        channel_id = self._channel_ids.get(key) or new_channels.get(key)
+        if channel_id is None:
+            inserted = conn.execute(_INSERT_CHANNEL, (*key, reading.unit))
+            channel_id = new_channels[key] = _require_rowid(inserted)
+        return channel_id
+
+    def _notify_loop(self) -> None:
+        if self._loop is None:
+            return
+        # The loop may already be closed when a transaction finishes during shutdown.
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._wake_waiters)
+
+    def _read_batch_sync(self, after_seq: int, limit: int) -> list[StoredReading]:
+        rows = self._connection().execute(_SELECT_BATCH, (after_seq, limit)).fetchall()
+        return [
+            StoredReading(seq, ts_us, source, channel, value, unit, _QUALITY_BY_CODE[quality])
+            for seq, ts_us, source, channel, value, unit, quality in rows
+        ]
+
+    def _commit_cursor_sync(self, sink: str, seq: int) -> None:
+        conn = self._connection()
+        # In autocommit mode one statement is its own transaction. With synchronous=FULL,
+        # it is on disk when execute() returns.
+        conn.execute(_UPSERT_CURSOR, (sink, seq))
+        self._cursors[sink] = max(seq, self._cursors.get(sink, 0))
+
+    def _stats_sync(self) -> BufferStats:
+        return _collect_stats(self._connection(), self.path, self.sinks)
+
+    def _delete_chunk_sync(self) -> tuple[int, bool]:
+        if not self.sinks:
+            return 0, False
+        acknowledged = min(self._cursors.get(sink, 0) for sink in self.sinks)
+        if acknowledged <= self._deleted_up_to:
+            return 0, False
+        up_to = min(acknowledged, self._deleted_up_to + DELETE_CHUNK_ROWS)
+        deleted = self._connection().execute(_DELETE_UP_TO, (up_to,)).rowcount
+        self._deleted_up_to = up_to
+        return deleted, up_to < acknowledged
+
+    def _compact_sync(self) -> None:
+        conn = self._connection()
+        # Through execute(), incremental_vacuum frees only one page per call, but
+        # executescript() runs it to completion.
+        conn.executescript("PRAGMA incremental_vacuum;")
+        # A read transaction in another process (status) keeps the WAL from being reset.
+        # Wait for it only briefly, because appends queue behind this call.
+        conn.execute(f"PRAGMA busy_timeout = {CHECKPOINT_BUSY_TIMEOUT_MS}")
+        try:
+            busy, wal_pages, copied = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        finally:
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        log.debug(
+            "buffer_compacted", path=str(self.path), busy=busy, wal_pages=wal_pages, copied=copied
+        )
+
+
+def read_stats(data_dir: Path, sinks: Sequence[str]) -> BufferStats:
+    """Read a snapshot from another process, read-only, while the agent may be writing.
+
+    Raises FileNotFoundError when the database does not exist yet.
+    """
+    path = Path(data_dir) / DB_FILENAME
+    if not path.is_file():
+        message = (
+            f"no buffer database at {path}: the agent has not run with data_dir {data_dir} yet. "
+            "Check agent.data_dir in the config, or start the agent once"
+        )
+        raise FileNotFoundError(message)
+    uri = f"{path.resolve().as_uri()}?mode=ro"
+    try:
+        conn = sqlite3.connect(uri, uri=True, isolation_level=None)
+    except sqlite3.Error as exc:
+        raise _open_error(path, exc) from exc
+    with contextlib.closing(conn):
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            version = _inspect_database(conn, path)
+            if version == 0:
+                message = (
+                    f"buffer database {path} has no tables yet: the agent has not finished "
+                    "its first start. Try again once it runs"
+                )
+                raise FileNotFoundError(message)
+            return _collect_stats(conn, path, sinks)
+        except sqlite3.Error as exc:
+            raise _open_error(path, exc) from exc
+
+
+def _open_schema(conn: sqlite3.Connection, path: Path) -> None:
+    """Check that the file is a buffer (or empty), set the pragmas and create the tables."""
+    try:
+        # Inspect before any pragma so that a foreign database is never modified.
+        _inspect_database(conn, path)
+        for pragma in _PRAGMAS:
+            conn.execute(pragma)
+        journal_mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+        if journal_mode != "wal":
+            # Without WAL, `status` readers block the writer and vice versa.
+            log.warning("buffer_wal_unavailable", path=str(path), journal_mode=journal_mode)
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            # Checked again under the write lock in case another process created it.
+            if _inspect_database(conn, path) == 0:
+                for statement in _SCHEMA:
+                    conn.execute(statement)
+            conn.execute("COMMIT")
+        except BaseException:
+            _rollback(conn)
+            raise
+    except sqlite3.Error as exc:
+        raise _open_error(path, exc) from exc
+    # NOTE: a corrupt or foreign file stops the agent here. Moving it aside and starting
+    # a fresh buffer is left to the operator until automatic recovery exists.
+
+
+def _inspect_database(conn: sqlite3.Connection, path: Path) -> int:
+    """Return the schema version of a buffer file, or 0 for an empty file.
+
+    Raises ForeignDatabaseError for any other SQLite database.
+    """
+    application_id = conn.execute("PRAGMA application_id").fetchone()[0]
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    tables = sorted(row[0] for row in conn.execute(_SELECT_TABLES))
+    if application_id == APPLICATION_ID and version == SCHEMA_VERSION:
+        return int(version)
+    if application_id == 0 and version == 0 and not tables:
+        return 0
+    if application_id == APPLICATION_ID:
+        detail = f"it has schema version {version}, this rig-agent reads {SCHEMA_VERSION}"
+        fix = "Run the rig-agent version that created it, or move the file aside"
+    else:
+        detail = (
+            f"application_id {application_id}, user_version {version}, "
+            f"tables {', '.join(tables) or 'none'}"
+        )
+        fix = "Set agent.data_dir to a directory of its own, or move the file aside"
+    message = f"{path} is not a rig-agent buffer database ({detail}). {fix}"
+    raise ForeignDatabaseError(path, message)
+
+
+def _open_error(path: Path, exc: sqlite3.Error) -> BufferDatabaseError:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None and code & 0xFF in _CORRUPTION_CODES:
+        message = (
+            f"buffer database {path} is corrupt or not an SQLite database ({exc}). "
+            "Stop the agent, move the file and its -wal and -shm files aside, and start again"
+        )
+        return CorruptDatabaseError(path, message)
+    message = (
+        f"cannot use buffer database {path}: {exc}. "
+        f"Check that the agent's user can read and write {path.parent}"
+    )
+    return BufferDatabaseError(path, message)
+
+
+def _collect_stats(conn: sqlite3.Connection, path: Path, sinks: Sequence[str]) -> BufferStats:
+    # One read transaction, so that every figure comes from the same snapshot.
+    conn.execute("BEGIN")
+    try:
+        last_seq = _fetch_last_seq(conn)
+        low, high = conn.execute(_SELECT_SEQ_RANGE).fetchone()
+        dropped_rows = conn.execute(_SELECT_COUNTER, ("dropped_rows",)).fetchone()[0]
+        cursors = dict(conn.execute(_SELECT_CURSORS).fetchall())
+        channel_rows = conn.execute(_SELECT_CHANNEL_VALUES).fetchall()
+    finally:
+        conn.execute("COMMIT")
+
+    # Rows only ever leave from the low end (acknowledged or dropped oldest first) and
+    # seq values are assigned without gaps, so the rows are exactly low..high.
+    rows = 0 if low is None else high - low + 1
+    sink_stats = []
+    for sink in sinks:
+        cursor = cursors.get(sink, 0)
+        depth = 0 if low is None else max(0, high - max(cursor, low - 1))
+        sink_stats.append(SinkStats(sink, cursor, depth))
+    channels = [
+        ChannelValue(source, channel, unit, ts_us, value, _QUALITY_BY_CODE[quality])
+        for source, channel, unit, ts_us, value, quality in channel_rows
+    ]
+    return BufferStats(
+        last_seq=last_seq,
+        rows=rows,
+        dropped_rows=dropped_rows,
+        db_bytes=_file_size(path) + _file_size(path.with_name(path.name + "-wal")),
+        sinks=sink_stats,
+        channels=channels,
+    )
+
+
+def _fetch_last_seq(conn: sqlite3.Connection) -> int:
+    # sqlite_sequence keeps the highest seq ever given, even after every row is deleted.
+    row = conn.execute(_SELECT_LAST_SEQ).fetchone()
+    return 0 if row is None else int(row[0])
+
+
+def _require_rowid(cursor: sqlite3.Cursor) -> int:
+    rowid = cursor.lastrowid
+    if rowid is None:
+        message = "SQLite returned no rowid for an inserted channel"
+        raise RuntimeError(message)
+    return rowid
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    # After some errors (disk full, I/O error) SQLite has already rolled back.
+    if conn.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0

@@ -1,0 +1,1 @@
+"""Config model and the TOML loader with field-technician friendly errors."""

@@ -1,0 +1,1 @@
+"""Source drivers: each turns device traffic into readings."""

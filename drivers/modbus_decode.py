@@ -1,0 +1,135 @@
+"""Convert between 16-bit Modbus registers and numbers, in any word and byte order.
+
+pymodbus's own converters choose only the word order, so devices that swap
+the two bytes inside each register (BADC, DCBA) need this module.
+
+Orders, for a 32-bit value whose big-endian bytes are A B C D:
+
+| layout | word_order | byte_order |
+| --- | --- | --- |
+| ABCD | big | big |
+| CDAB | little | big |
+| BADC | big | little |
+| DCBA | little | little |
+
+Word order "little" reverses every word of the value, so a 64-bit value
+ABCDEFGH in word order "little" and byte order "big" is sent as GH EF CD AB.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Sequence
+
+from drivers.modbus_types import DATA_TYPES, DataType
+
+__all__ = ["ORDERS", "apply_scale", "decode_registers", "encode_value", "unscale"]
+
+ORDERS = ("big", "little")
+"""Values that `word_order` and `byte_order` accept."""
+
+_REGISTER_MAX = 0xFFFF
+
+
+def decode_registers(
+    words: Sequence[int], type_name: str, word_order: str, byte_order: str
+) -> int | float:
+    """Decode the registers of one value.
+
+    Returns an `int` for the integer types and a `float` for float32 and
+    float64 (NaN and infinities included). Raises ValueError on an unknown
+    type or order, a register outside 0..65535, or a wrong number of
+    registers for the type.
+    """
+    data_type = _data_type(type_name)
+    _check_orders(word_order, byte_order)
+    if len(words) != data_type.registers:
+        msg = (
+            f"{type_name} needs {data_type.registers} register(s), got {len(words)}: "
+            f"pass exactly {data_type.registers} register value(s)"
+        )
+        raise ValueError(msg)
+    for word in words:
+        if not 0 <= word <= _REGISTER_MAX:
+            msg = f"register value {word!r} is outside 0..65535"
+            raise ValueError(msg)
+
+    ordered = list(words)
+    if word_order == "little":
+        ordered.reverse()
+    raw = b"".join(_word_bytes(word, byte_order) for word in ordered)
+    value: int | float = struct.unpack(f">{data_type.struct_format}", raw)[0]
+    return value
+
+
+def encode_value(value: float, type_name: str, word_order: str, byte_order: str) -> list[int]:
+    """Encode one value as the registers a device in the given order would hold.
+
+    Integer types take an `int`, or a `float` with no fractional part. Raises
+    ValueError on an unknown type or order, a fractional value for an integer
+    type, or a value out of the type's range.
+    """
+    data_type = _data_type(type_name)
+    _check_orders(word_order, byte_order)
+    packed = _pack(value, data_type)
+
+    words = [_word_from_bytes(packed[i : i + 2], byte_order) for i in range(0, len(packed), 2)]
+    if word_order == "little":
+        words.reverse()
+    return words
+
+
+def apply_scale(raw: float, scale: float, offset: float) -> float:
+    """Convert a decoded register value to engineering units: `raw * scale + offset`."""
+    return float(raw) * scale + offset
+
+
+def unscale(value: float, scale: float, offset: float) -> float:
+    """Invert `apply_scale`: the raw value that reads back as `value`."""
+    if scale == 0:
+        msg = "scale 0 cannot be inverted: every raw value maps to the offset"
+        raise ValueError(msg)
+    return (value - offset) / scale
+
+
+def _data_type(type_name: str) -> DataType:
+    data_type = DATA_TYPES.get(type_name)
+    if data_type is None:
+        names = ", ".join(DATA_TYPES)
+        msg = f"unknown Modbus type {type_name!r}: expected one of {names}"
+        raise ValueError(msg)
+    return data_type
+
+
+def _check_orders(word_order: str, byte_order: str) -> None:
+    for field, order in (("word_order", word_order), ("byte_order", byte_order)):
+        if order not in ORDERS:
+            msg = f'invalid {field} {order!r}: expected "big" or "little"'
+            raise ValueError(msg)
+
+
+def _pack(value: float, data_type: DataType) -> bytes:
+    number: int | float = value
+    if data_type.struct_format not in "fd" and isinstance(value, float):
+        if not (math.isfinite(value) and value.is_integer()):
+            msg = f"{data_type.name} needs a whole number, got {value!r}"
+            raise ValueError(msg)
+        number = int(value)
+    try:
+        return struct.pack(f">{data_type.struct_format}", number)
+    except (struct.error, OverflowError) as exc:
+        msg = f"{value!r} does not fit in {data_type.name}: {exc}"
+        raise ValueError(msg) from exc
+
+
+def _word_bytes(word: int, byte_order: str) -> bytes:
+    high, low = word >> 8, word & 0xFF
+    return bytes((low, high)) if byte_order == "little" else bytes((high, low))
+
+
+def _word_from_bytes(pair: bytes, byte_order: str) -> int:
+    first, second = pair[0], pair[1]
+    if byte_order == "little":
+        return (second << 8) | first
+    return (first << 8) | second

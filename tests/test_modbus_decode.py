@@ -1,0 +1,209 @@
+"""Register decoding and encoding for every type in the four word and byte orders."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from drivers.modbus_decode import apply_scale, decode_registers, encode_value, unscale
+from drivers.modbus_types import DATA_TYPES
+
+# Where each byte of the big-endian value (A = most significant) sits on the
+# wire, for each (word_order, byte_order) and register count.
+LAYOUTS: dict[tuple[str, str], dict[int, str]] = {
+    ("big", "big"): {1: "AB", 2: "ABCD", 4: "ABCDEFGH"},
+    ("little", "big"): {1: "AB", 2: "CDAB", 4: "GHEFCDAB"},
+    ("big", "little"): {1: "BA", 2: "BADC", 4: "BADCFEHG"},
+    ("little", "little"): {1: "BA", 2: "DCBA", 4: "HGFEDCBA"},
+}
+
+# (type, big-endian bytes as hex, expected value)
+CASES: list[tuple[str, str, float]] = [
+    ("int16", "0000", 0),
+    ("int16", "7fff", 32767),
+    ("int16", "8000", -32768),
+    ("int16", "fffe", -2),
+    ("uint16", "ffff", 65535),
+    ("uint16", "1234", 0x1234),
+    ("int32", "fffe1dc0", -123456),
+    ("int32", "7fffffff", 2**31 - 1),
+    ("int32", "80000000", -(2**31)),
+    ("uint32", "b2d05e00", 3_000_000_000),
+    ("uint32", "00010002", 65538),
+    ("int64", "ffffffffffffffff", -1),
+    ("int64", "8000000000000000", -(2**63)),
+    ("int64", "0000000100000002", 2**32 + 2),
+    ("uint64", "ffffffffffffffff", 2**64 - 1),
+    ("uint64", "0123456789abcdef", 0x0123456789ABCDEF),
+    ("float32", "449a5000", 1234.5),
+    ("float32", "c0000000", -2.0),
+    ("float32", "00000000", 0.0),
+    ("float32", "7f800000", math.inf),
+    ("float32", "ff800000", -math.inf),
+    ("float32", "7fc00000", math.nan),
+    ("float64", "c0f81cd6e9e1b08a", -98765.4321),
+    ("float64", "3ff8000000000000", 1.5),
+    ("float64", "7ff0000000000000", math.inf),
+    ("float64", "fff0000000000000", -math.inf),
+    ("float64", "7ff8000000000000", math.nan),
+]
+
+
+def wire_words(big_endian_hex: str, word_order: str, byte_order: str) -> list[int]:
+    """Lay the value's bytes out as a device in this order sends them."""
+    data = bytes.fromhex(big_endian_hex)
+    layout = LAYOUTS[(word_order, byte_order)][len(data) // 2]
+    wire = bytes(data[ord(letter) - ord("A")] for letter in layout)
+    return [int.from_bytes(wire[i : i + 2], "big") for i in range(0, len(wire), 2)]
+
+
+ORDER_PAIRS = [pytest.param(w, b, id=LAYOUTS[(w, b)][2]) for (w, b) in LAYOUTS]
+
+
+@pytest.mark.parametrize(("word_order", "byte_order"), ORDER_PAIRS)
+@pytest.mark.parametrize(("type_name", "hex_value", "expected"), CASES)
+def test_decode_table(
+    type_name: str, hex_value: str, expected: float, word_order: str, byte_order: str
+) -> None:
+    """Raw words in each layout decode to the value they encode."""
+    words = wire_words(hex_value, word_order, byte_order)
+    value = decode_registers(words, type_name, word_order, byte_order)
+    if math.isnan(expected):
+        assert math.isnan(value)
+    else:
+        assert value == expected
+
+
+@pytest.mark.parametrize(("word_order", "byte_order"), ORDER_PAIRS)
+@pytest.mark.parametrize(("type_name", "hex_value", "expected"), CASES)
+def test_encode_table(
+    type_name: str, hex_value: str, expected: float, word_order: str, byte_order: str
+) -> None:
+    """A value encodes to the raw words a device in that layout holds."""
+    words = encode_value(expected, type_name, word_order, byte_order)
+    assert words == wire_words(hex_value, word_order, byte_order)
+
+
+@pytest.mark.parametrize(
+    ("word_order", "byte_order", "words"),
+    [
+        ("big", "big", [0x449A, 0x5000]),
+        ("little", "big", [0x5000, 0x449A]),
+        ("big", "little", [0x9A44, 0x0050]),
+        ("little", "little", [0x0050, 0x9A44]),
+    ],
+)
+def test_float32_literal_layouts(word_order: str, byte_order: str, words: list[int]) -> None:
+    """1234.5 written out by hand in ABCD, CDAB, BADC and DCBA decodes in each order."""
+    assert decode_registers(words, "float32", word_order, byte_order) == 1234.5
+
+
+def test_int_types_return_int() -> None:
+    """Integer types decode to int, so 64-bit counters keep every digit."""
+    value = decode_registers([0xFFFF] * 4, "uint64", "big", "big")
+    assert isinstance(value, int)
+
+
+def _value_strategy(type_name: str) -> st.SearchStrategy[float]:
+    fmt = DATA_TYPES[type_name].struct_format
+    if fmt == "f":
+        return st.floats(width=32, allow_nan=False)
+    if fmt == "d":
+        return st.floats(allow_nan=False)
+    bits = DATA_TYPES[type_name].registers * 16
+    if fmt.islower():
+        return st.integers(-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    return st.integers(0, 2**bits - 1)
+
+
+@st.composite
+def typed_values(draw: st.DrawFn) -> tuple[str, float, str, str]:
+    type_name = draw(st.sampled_from(sorted(DATA_TYPES)))
+    value = draw(_value_strategy(type_name))
+    word_order = draw(st.sampled_from(["big", "little"]))
+    byte_order = draw(st.sampled_from(["big", "little"]))
+    return type_name, value, word_order, byte_order
+
+
+@given(typed_values())
+def test_round_trip(case: tuple[str, float, str, str]) -> None:
+    """Encoding then decoding returns the same value for every type and order."""
+    type_name, value, word_order, byte_order = case
+    words = encode_value(value, type_name, word_order, byte_order)
+    assert decode_registers(words, type_name, word_order, byte_order) == value
+
+
+@given(st.lists(st.integers(0, 0xFFFF), min_size=2, max_size=2))
+def test_float32_nan_round_trip(words: list[int]) -> None:
+    """Every float32 bit pattern, NaN included, survives decode then encode."""
+    value = decode_registers(words, "float32", "little", "little")
+    if math.isnan(value):
+        return
+    assert encode_value(value, "float32", "little", "little") == words
+
+
+@pytest.mark.parametrize(
+    ("type_name", "count"),
+    [("int16", 2), ("uint16", 0), ("float32", 1), ("int32", 3), ("float64", 2), ("uint64", 5)],
+)
+def test_wrong_word_count(type_name: str, count: int) -> None:
+    """A register count that does not match the type raises, naming type and counts."""
+    expected = DATA_TYPES[type_name].registers
+    with pytest.raises(
+        ValueError, match=rf"{type_name} needs {expected} register\(s\), got {count}"
+    ):
+        decode_registers([0] * count, type_name, "big", "big")
+
+
+def test_register_out_of_range() -> None:
+    """A word above 65535 is not a register value and raises."""
+    with pytest.raises(ValueError, match=r"70000 is outside 0\.\.65535"):
+        decode_registers([70000], "uint16", "big", "big")
+
+
+def test_unknown_type() -> None:
+    """An unknown type name raises and lists the known ones."""
+    with pytest.raises(ValueError, match=r"unknown Modbus type 'float16'.*float32"):
+        decode_registers([0], "float16", "big", "big")
+
+
+def test_unknown_order() -> None:
+    """An order other than big or little raises, naming the field."""
+    with pytest.raises(ValueError, match="invalid byte_order 'middle'"):
+        encode_value(1, "uint16", "big", "middle")
+
+
+def test_encode_out_of_range() -> None:
+    """A value outside the type's range raises and names the type."""
+    with pytest.raises(ValueError, match="70000 does not fit in uint16"):
+        encode_value(70000, "uint16", "big", "big")
+
+
+def test_encode_fraction_for_int() -> None:
+    """A fractional value for an integer type raises."""
+    with pytest.raises(ValueError, match=r"int16 needs a whole number, got 1\.5"):
+        encode_value(1.5, "int16", "big", "big")
+
+
+def test_encode_whole_float_for_int() -> None:
+    """A float with no fractional part is accepted for an integer type."""
+    assert encode_value(-2.0, "int16", "big", "big") == [0xFFFE]
+
+
+def test_apply_scale() -> None:
+    """Scaling multiplies by scale, then adds offset."""
+    assert apply_scale(1500, 0.1, -10.0) == pytest.approx(140.0)
+
+
+def test_unscale_inverts_apply_scale() -> None:
+    """unscale returns the raw value that apply_scale maps to the given value."""
+    assert unscale(140.0, 0.1, -10.0) == pytest.approx(1500)
+
+
+def test_unscale_zero_scale() -> None:
+    """A zero scale cannot be inverted and raises."""
+    with pytest.raises(ValueError, match="scale 0"):
+        unscale(1.0, 0.0, 0.0)

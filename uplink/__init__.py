@@ -1,0 +1,1 @@
+"""Sinks: each delivers buffered readings to one destination."""

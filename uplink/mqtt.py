@@ -1,0 +1,556 @@
+"""MQTT sink that publishes buffered readings and moves its cursor on PUBACK."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import random
+import ssl
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn, Protocol
+
+import aiomqtt
+import structlog
+
+from buffer.reading import Quality, StoredReading, format_ts, now_us
+from config.model import MqttSection
+
+__all__ = [
+    "BufferLike",
+    "MqttSink",
+    "PasswordFileError",
+    "build_payload",
+    "group_readings",
+    "read_password_file",
+    "reconnect_delay",
+]
+
+log = structlog.get_logger(__name__)
+
+RECONNECT_BASE_DELAY = 0.5
+RECONNECT_MAX_DELAY = 30.0
+CONNECT_TIMEOUT = 10.0
+"""Seconds to wait for CONNACK, and for the client to finish a disconnect."""
+PUBLISH_TIMEOUT = 10.0
+"""Seconds a publish may wait for its PUBACK before the link is considered broken."""
+IDLE_WAIT = 1.0
+"""Seconds between checks of the buffer and the link while nothing is in flight."""
+COMMIT_INTERVAL = 0.1
+"""Minimum seconds between two cursor commits while publishes are acknowledged."""
+READ_LIMIT = 5000
+"""Maximum readings taken from the buffer in one read."""
+STOP_GRACE = 0.5
+"""Seconds a clean stop waits for in-flight PUBACKs before abandoning them."""
+STATUS_TIMEOUT = 1.0
+"""Seconds a clean stop waits for the offline status PUBACK, and again for the disconnect."""
+
+
+class BufferLike(Protocol):
+    """Buffer methods that the sink calls, as provided by `buffer.store.Buffer`."""
+
+    async def cursor(self, sink: str) -> int: ...
+
+    async def read_batch(
+        self, sink: str, limit: int, after_seq: int | None = None
+    ) -> list[StoredReading]: ...
+
+    async def commit_cursor(self, sink: str, seq: int) -> None: ...
+
+    async def wait_for_data(self, after_seq: int, timeout: float) -> bool: ...  # noqa: ASYNC109 - fixed by the Buffer API
+
+
+class PasswordFileError(Exception):
+    """The MQTT password file is missing or unreadable."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(
+            f"failed to read the MQTT password file {path!r} (mqtt.password_file): {reason}. "
+            "Create the file with the broker password, readable by the agent's user, "
+            "or set mqtt.password_file to the right path"
+        )
+
+
+def read_password_file(path: str) -> str:
+    """Read a password from `path`, dropping one trailing newline."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise PasswordFileError(path, exc.strerror or type(exc).__name__) from None
+    except UnicodeDecodeError:
+        raise PasswordFileError(path, "the file is not UTF-8 text") from None
+    if text.endswith("\r\n"):
+        return text[:-2]
+    return text.removesuffix("\n")
+
+
+def reconnect_delay(
+    attempt: int, base: float = RECONNECT_BASE_DELAY, cap: float = RECONNECT_MAX_DELAY
+) -> float:
+    """Return a full-jitter backoff delay in seconds for a 0-based retry attempt."""
+    ceiling = min(cap, base * 2 ** min(attempt, 32))
+    return random.uniform(0.0, ceiling)  # noqa: S311 - jitter, not cryptography
+
+
+def group_readings(
+    readings: Sequence[StoredReading], max_per_message: int
+) -> list[list[StoredReading]]:
+    """Split readings, in seq order, into the groups that each become one message.
+
+    A group is a run of consecutive readings from one source, cut at
+    `max_per_message`. The writer stores a poll's readings together, so live
+    traffic gives one group per poll (a poll of several requests may carry a
+    few distinct timestamps). A backlog packs several polls of one source
+    into each group, which cuts the message count while catching up.
+    """
+    groups: list[list[StoredReading]] = []
+    for reading in readings:
+        current = groups[-1] if groups else None
+        if (
+            current is None
+            or current[-1].source != reading.source
+            or len(current) >= max_per_message
+        ):
+            groups.append([reading])
+        else:
+            current.append(reading)
+    return groups
+
+
+def build_payload(rig_id: str, readings: Sequence[StoredReading]) -> bytes:
+    """Encode one group of readings from a single source as the JSON message body."""
+    body = {
+        "rig_id": rig_id,
+        "source": readings[0].source,
+        "readings": [
+            {
+                "seq": r.seq,
+                "ts": format_ts(r.ts_us),
+                "channel": r.channel,
+                "value": _json_value(r),
+                "unit": r.unit,
+                "quality": str(r.quality),
+            }
+            for r in readings
+        ],
+    }
+    return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+
+
+def _json_value(reading: StoredReading) -> float | None:
+    # JSON has no NaN or infinity, so such a value is sent as null with its
+    # quality unchanged.
+    if reading.quality is Quality.BAD or reading.value is None or not math.isfinite(reading.value):
+        return None
+    return reading.value
+
+
+@dataclass(slots=True)
+class _Pending:
+    """One message handed to the client and not yet known to be acknowledged."""
+
+    last_seq: int
+    count: int
+    acked: bool = False
+
+
+class _AckTracker:
+    """Tracker of the highest seq up to which every message is acknowledged, in any PUBACK order."""
+
+    def __init__(self, start: int) -> None:
+        self.acked_seq = start
+        self._order: deque[_Pending] = deque()
+
+    def add(self, last_seq: int, count: int) -> _Pending:
+        pending = _Pending(last_seq, count)
+        self._order.append(pending)
+        return pending
+
+    def ack(self, pending: _Pending) -> None:
+        pending.acked = True
+        while self._order and self._order[0].acked:
+            self.acked_seq = self._order.popleft().last_seq
+
+
+class _LinkLost(aiomqtt.MqttError):
+    """Connection loss noticed while no publish was waiting on the link."""
+
+
+def _status_payload(state: str, rig_id: str, *, with_ts: bool = True) -> bytes:
+    body: dict[str, Any] = {"state": state, "rig_id": rig_id}
+    if with_ts:
+        body["ts"] = format_ts(now_us())
+    return json.dumps(body).encode()
+
+
+@dataclass(frozen=True, slots=True)
+class _Settings:
+    """Sink settings that every connection uses, fixed for the sink's lifetime."""
+
+    sink: str
+    rig_id: str
+    prefix: str
+    qos: int
+    max_inflight: int
+    max_per_message: int
+    publish_timeout: float
+    buffer: BufferLike
+    log: Any
+
+    @property
+    def status_topic(self) -> str:
+        return f"{self.prefix}/status"
+
+    def readings_topic(self, source: str) -> str:
+        return f"{self.prefix}/readings/{source}"
+
+
+class MqttSink:
+    """Sink that delivers buffered readings to an MQTT broker, at least once, in seq order.
+
+    With QoS 1 a message counts as acknowledged when its PUBACK arrives. With
+    QoS 0 it counts as acknowledged once the client has written it to the
+    socket, which does not guarantee delivery: readings lost on a dropped link
+    are not sent again.
+    """
+
+    name = "mqtt"
+
+    def __init__(
+        self,
+        cfg: MqttSection,
+        *,
+        rig_id: str,
+        topic_prefix: str,
+        buffer: BufferLike,
+        publish_timeout: float = PUBLISH_TIMEOUT,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        if cfg.password_file and not cfg.username:
+            msg = (
+                f"mqtt.password_file is set to {cfg.password_file!r} but mqtt.username is "
+                "empty, and the client sends a password only together with a user name. "
+                "Set mqtt.username, or clear mqtt.password_file"
+            )
+            raise ValueError(msg)
+        self._cfg = cfg
+        self._client_id = cfg.client_id or f"rig-agent-{rig_id}"
+        self._sleep = sleep
+        self._log = log.bind(sink=self.name, broker=f"{cfg.host}:{cfg.port}")
+        self._settings = _Settings(
+            sink=self.name,
+            rig_id=rig_id,
+            prefix=topic_prefix,
+            qos=cfg.qos,
+            max_inflight=cfg.max_inflight,
+            max_per_message=cfg.max_readings_per_message,
+            publish_timeout=publish_timeout,
+            buffer=buffer,
+            log=self._log,
+        )
+
+        self._connected = False
+        self._published = 0
+        self._messages = 0
+        self._reconnects = 0
+        self._last_error: str | None = None
+        self._failures = 0
+        self._outage_started: float | None = None
+
+    @property
+    def connected(self) -> bool:
+        """True while a broker connection is up."""
+        return self._connected
+
+    @property
+    def published(self) -> int:
+        """Readings acknowledged by the broker since the sink started."""
+        return self._published
+
+    @property
+    def messages(self) -> int:
+        """Messages acknowledged by the broker since the sink started."""
+        return self._messages
+
+    @property
+    def reconnects(self) -> int:
+        """Connections made after a failed attempt or a lost link."""
+        return self._reconnects
+
+    @property
+    def last_error(self) -> str | None:
+        """The most recent connection or publish error, if any."""
+        return self._last_error
+
+    @property
+    def status_topic(self) -> str:
+        """Retained topic of the birth and last will messages."""
+        return self._settings.status_topic
+
+    def readings_topic(self, source: str) -> str:
+        """Return the topic that readings of `source` are published on."""
+        return self._settings.readings_topic(source)
+
+    async def run(self) -> None:
+        """Connect, publish and reconnect with backoff until cancelled.
+
+        Raises PasswordFileError when mqtt.password_file cannot be read. The
+        file is read before every connection attempt, so a changed password
+        takes effect at the next reconnect.
+        """
+        attempt = 0
+        while True:
+            password = None
+            if self._cfg.password_file:
+                password = read_password_file(self._cfg.password_file)
+            session = _Session(self._settings, self._new_client(password), self._on_acked)
+            try:
+                await session.run(self._on_connected)
+            except aiomqtt.MqttError as exc:
+                failure = exc
+            finally:
+                self._connected = False
+
+            if session.entered:
+                attempt = 0
+            delay = reconnect_delay(attempt)
+            attempt += 1
+            self._on_failure(failure, delay)
+            await self._sleep(delay)
+
+    def _new_client(self, password: str | None) -> aiomqtt.Client:
+        # A fresh client per attempt: a reused paho client re-sends every
+        # unacknowledged message on reconnect, and keeps everything published
+        # during an outage in an unbounded memory queue.
+        offline = _status_payload("offline", self._settings.rig_id, with_ts=False)
+        client = aiomqtt.Client(
+            self._cfg.host,
+            self._cfg.port,
+            identifier=self._client_id,
+            username=self._cfg.username or None,
+            password=password,
+            will=aiomqtt.Will(self.status_topic, offline, qos=1, retain=True),
+            keepalive=max(1, round(self._cfg.keepalive)),
+            timeout=CONNECT_TIMEOUT,
+            max_inflight_messages=self._cfg.max_inflight,
+            tls_context=ssl.create_default_context() if self._cfg.tls else None,
+        )
+        # aiomqtt logs a warning for every publish beyond this many pending
+        # calls, but a full window plus one status message is normal here.
+        client.pending_calls_threshold = self._cfg.max_inflight + 1
+        return client
+
+    def _on_connected(self) -> None:
+        self._connected = True
+        if self._outage_started is None:
+            self._log.info("mqtt_connected", client_id=self._client_id)
+            return
+        self._reconnects += 1
+        outage = time.monotonic() - self._outage_started
+        self._log.info(
+            "mqtt_reconnected", outage_s=round(outage, 1), failed_attempts=self._failures
+        )
+        self._outage_started = None
+        self._failures = 0
+
+    def _on_failure(self, exc: BaseException, delay: float) -> None:
+        self._last_error = str(exc) or type(exc).__name__
+        self._failures += 1
+        fields = {"error": self._last_error, "retry_in_s": round(delay, 2)}
+        if self._outage_started is None:
+            self._outage_started = time.monotonic()
+            self._log.warning("mqtt_unavailable", **fields)
+        else:
+            self._log.debug("mqtt_still_unavailable", failed_attempts=self._failures, **fields)
+
+    def _on_acked(self, pending: _Pending) -> None:
+        self._published += pending.count
+        self._messages += 1
+
+
+class _Session:
+    """One broker connection: the publish window, acknowledgements and cursor commits."""
+
+    def __init__(
+        self,
+        settings: _Settings,
+        client: aiomqtt.Client,
+        on_acked: Callable[[_Pending], None],
+    ) -> None:
+        self._s = settings
+        self._client = client
+        self._on_acked = on_acked
+        self.entered = False
+        self._tracker = _AckTracker(0)
+        self._committed = 0
+        self._last_commit = 0.0
+        self._handed_out = 0
+        self._inflight: dict[asyncio.Task[None], _Pending] = {}
+
+    async def run(self, on_connected: Callable[[], None]) -> NoReturn:
+        """Deliver until the link breaks (raises MqttError) or the task is cancelled."""
+        stopping = False
+        try:
+            async with self._client:
+                self.entered = True
+                on_connected()
+                watcher = asyncio.create_task(self._watch_link())
+                try:
+                    await self._start()
+                    await self._deliver(watcher)
+                except asyncio.CancelledError:
+                    stopping = True
+                    await self._stop_cleanly()
+                    raise
+                finally:
+                    watcher.cancel()
+                    await asyncio.gather(watcher, return_exceptions=True)
+                    await self._abandon_inflight()
+                    await self._commit(force=True)
+        except aiomqtt.MqttError:
+            # A failed disconnect during a stop must not turn the cancellation
+            # into an ordinary link failure that the caller would retry.
+            if stopping:
+                raise asyncio.CancelledError from None
+            raise
+
+    async def _start(self) -> None:
+        cursor = await self._s.buffer.cursor(self._s.sink)
+        self._tracker = _AckTracker(cursor)
+        self._committed = cursor
+        self._handed_out = cursor
+        await self._client.publish(
+            self._s.status_topic,
+            _status_payload("online", self._s.rig_id),
+            qos=1,
+            retain=True,
+            timeout=self._s.publish_timeout,
+        )
+
+    async def _watch_link(self) -> None:
+        # The sink subscribes to nothing, so this loop only ends with the
+        # MqttError that the client raises when the link drops. Without it an
+        # idle sink would notice a drop only at its next publish.
+        async for _message in self._client.messages:
+            pass
+        msg = "connection closed"
+        raise _LinkLost(msg)
+
+    async def _deliver(self, watcher: asyncio.Task[None]) -> NoReturn:
+        while True:
+            self._raise_if_broken(watcher)
+            await self._commit()
+            free = self._s.max_inflight - len(self._inflight)
+            if free <= 0:
+                await self._wait(watcher)
+                continue
+
+            limit = min(READ_LIMIT, free * self._s.max_per_message)
+            batch = await self._s.buffer.read_batch(self._s.sink, limit, after_seq=self._handed_out)
+            if not batch:
+                idle = self._s.buffer.wait_for_data(self._handed_out, IDLE_WAIT)
+                await self._wait(watcher, idle)
+                continue
+
+            groups = group_readings(batch, self._s.max_per_message)
+            if len(batch) == limit and len(groups) > 1:
+                # The last run may continue past this read, so read it again whole.
+                groups.pop()
+            # Groups beyond the free window slots are read again on a later pass.
+            for group in groups[:free]:
+                self._publish(group)
+
+    def _publish(self, group: list[StoredReading]) -> None:
+        pending = self._tracker.add(group[-1].seq, len(group))
+        call = self._client.publish(
+            self._s.readings_topic(group[0].source),
+            build_payload(self._s.rig_id, group),
+            qos=self._s.qos,
+            timeout=self._s.publish_timeout,
+        )
+        self._inflight[asyncio.create_task(call)] = pending
+        self._handed_out = pending.last_seq
+
+    async def _wait(self, watcher: asyncio.Task[None], idle: Awaitable[bool] | None = None) -> None:
+        """Wait for a PUBACK, new data, a lost link, or the next commit slot."""
+        waiting: set[asyncio.Future[Any]] = {watcher, *self._inflight}
+        idle_task = asyncio.ensure_future(idle) if idle is not None else None
+        if idle_task is not None:
+            waiting.add(idle_task)
+        timeout = IDLE_WAIT
+        if self._tracker.acked_seq > self._committed:
+            timeout = max(0.0, self._last_commit + COMMIT_INTERVAL - time.monotonic())
+        try:
+            await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if idle_task is not None and not idle_task.done():
+                idle_task.cancel()
+                await asyncio.gather(idle_task, return_exceptions=True)
+
+    def _collect_finished(self) -> BaseException | None:
+        """Record finished publishes as acknowledged and return the first failure."""
+        failure: BaseException | None = None
+        for task in [t for t in self._inflight if t.done()]:
+            pending = self._inflight.pop(task)
+            if task.cancelled():
+                failure = failure or aiomqtt.MqttError("publish cancelled")
+                continue
+            error = task.exception()
+            if error is not None:
+                failure = failure or error
+                continue
+            self._tracker.ack(pending)
+            self._on_acked(pending)
+        return failure
+
+    def _raise_if_broken(self, watcher: asyncio.Task[None]) -> None:
+        failure = self._collect_finished()
+        if failure is not None:
+            raise failure
+        if watcher.done():
+            error = None if watcher.cancelled() else watcher.exception()
+            raise error or _LinkLost("connection closed")
+
+    async def _commit(self, *, force: bool = False) -> None:
+        acked = self._tracker.acked_seq
+        if acked <= self._committed:
+            return
+        if not force and time.monotonic() - self._last_commit < COMMIT_INTERVAL:
+            return
+        await self._s.buffer.commit_cursor(self._s.sink, acked)
+        self._committed = acked
+        self._last_commit = time.monotonic()
+
+    async def _abandon_inflight(self) -> None:
+        for task in self._inflight:
+            task.cancel()
+        await asyncio.gather(*self._inflight, return_exceptions=True)
+        # Publishes that finished before the cancel still count as acknowledged.
+        self._collect_finished()
+        self._inflight.clear()
+
+    async def _stop_cleanly(self) -> None:
+        """Collect PUBACKs for a moment, commit, then retain the offline status."""
+        if self._inflight:
+            await asyncio.wait(self._inflight, timeout=STOP_GRACE)
+        await self._abandon_inflight()
+        await self._commit(force=True)
+        # The client's exit waits this long for its disconnect to finish.
+        self._client.timeout = STATUS_TIMEOUT
+        try:
+            await self._client.publish(
+                self._s.status_topic,
+                _status_payload("offline", self._s.rig_id),
+                qos=1,
+                retain=True,
+                timeout=STATUS_TIMEOUT,
+            )
+        except aiomqtt.MqttError as exc:
+            self._s.log.debug("mqtt_offline_status_failed", error=str(exc))
+        self._s.log.info("mqtt_stopped", cursor=self._committed)
