@@ -21,14 +21,11 @@ from config.model import ModbusPoint, ModbusSource
 from config.units import format_duration
 from drivers.base import Emit
 from drivers.modbus_decode import apply_scale, decode_registers
-from drivers.modbus_types import REGISTER_TABLES
+from drivers.modbus_plan import ReadRequest, plan_requests
 
-__all__ = ["MAX_REGISTERS_PER_READ", "ModbusTcpDriver", "ReadRequest", "plan_requests"]
+__all__ = ["ModbusTcpDriver"]
 
 log = structlog.get_logger(__name__)
-
-MAX_REGISTERS_PER_READ = 125
-"""Protocol limit for one read of holding or input registers (function codes 3 and 4)."""
 
 RECONNECT_DELAY_MIN = 0.5
 RECONNECT_DELAY_MAX = 30.0
@@ -40,52 +37,6 @@ GUARD_MARGIN = 0.25
 pymodbus applies the source timeout itself, so this outer deadline only
 catches a call that hangs past it.
 """
-
-
-@dataclass(frozen=True, slots=True)
-class ReadRequest:
-    """One read of a contiguous register range that serves one or more points."""
-
-    table: str
-    address: int
-    count: int
-    points: tuple[ModbusPoint, ...]
-
-    @property
-    def span(self) -> str:
-        """The range as written in logs, such as "holding 100..109"."""
-        return f"{self.table} {self.address}..{self.address + self.count - 1}"
-
-
-def plan_requests(
-    points: Sequence[ModbusPoint], max_registers: int = MAX_REGISTERS_PER_READ
-) -> list[ReadRequest]:
-    """Group points into as few reads as possible without reading any register they skip.
-
-    Points of the same table whose register spans touch or overlap share a
-    read, up to `max_registers` registers. A gap between spans always starts
-    a new read, because a device may reject a read that covers an address it
-    does not map.
-    """
-    requests: list[ReadRequest] = []
-    for table in REGISTER_TABLES:
-        in_table = sorted(
-            (p for p in points if p.table == table), key=lambda p: (p.address, -p.registers)
-        )
-        group: list[ModbusPoint] = []
-        start = end = 0
-        for point in in_table:
-            point_end = point.address + point.registers
-            if group and point.address <= end and max(end, point_end) - start <= max_registers:
-                group.append(point)
-                end = max(end, point_end)
-                continue
-            if group:
-                requests.append(ReadRequest(table, start, end - start, tuple(group)))
-            group, start, end = [point], point.address, point_end
-        if group:
-            requests.append(ReadRequest(table, start, end - start, tuple(group)))
-    return requests
 
 
 @dataclass

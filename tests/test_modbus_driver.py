@@ -20,7 +20,8 @@ from structlog.testing import capture_logs
 
 from buffer.reading import Quality, Reading
 from config.model import ModbusPoint, ModbusSource
-from drivers.modbus import ModbusTcpDriver, plan_requests
+from drivers.modbus import ModbusTcpDriver
+from drivers.modbus_plan import plan_requests
 from drivers.modbus_decode import apply_scale, encode_value
 from tests.peers import free_port
 
