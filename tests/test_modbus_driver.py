@@ -21,8 +21,8 @@ from structlog.testing import capture_logs
 from buffer.reading import Quality, Reading
 from config.model import ModbusPoint, ModbusSource
 from drivers.modbus import ModbusTcpDriver
-from drivers.modbus_plan import plan_requests
 from drivers.modbus_decode import apply_scale, encode_value
+from drivers.modbus_plan import plan_requests
 from tests.peers import free_port
 
 HOLDING_BASE, HOLDING_SIZE = 0, 200
