@@ -8,7 +8,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:
     from config.model import Config
@@ -19,9 +19,30 @@ EXIT_OK = 0
 EXIT_CONFIG = 1
 EXIT_RUNTIME = 2
 
+_MODBUS_URL_HELP = (
+    'device URL: "tcp://HOST:502", "rtu+tcp://HOST:4001" (serial gateway) or '
+    '"rtu:///dev/ttyUSB0?baudrate=19200&parity=E&stopbits=1&bytesize=8"'
+)
 
-def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """Argument parser whose exit code on a usage error is chosen per command.
+
+    argparse exits 2 on a usage error. The modbus tools use 2 for a device
+    failure, so their parsers pass `usage_exit_code=1`.
+    """
+
+    def __init__(self, *args: Any, usage_exit_code: int = 2, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.usage_exit_code = usage_exit_code
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(self.usage_exit_code, f"{self.prog}: error: {message}\n")
+
+
+def _build_parser() -> _ArgumentParser:
+    parser = _ArgumentParser(
         prog="rig-agent",
         description="Edge gateway for drilling rigs: Modbus in, SQLite buffer, MQTT out.",
     )
@@ -55,12 +76,98 @@ def _build_parser() -> argparse.ArgumentParser:
         default=None,
         help="keep the demo buffer and log here (default: a temporary directory)",
     )
+    _add_modbus_commands(commands)
     return parser
+
+
+def _add_modbus_commands(commands: argparse._SubParsersAction[_ArgumentParser]) -> None:
+    modbus = commands.add_parser(
+        "modbus",
+        help="commissioning tools: read registers in every layout, find unit ids",
+        usage_exit_code=EXIT_CONFIG,
+    )
+    actions = modbus.add_subparsers(dest="modbus_command", metavar="ACTION")
+
+    read = actions.add_parser(
+        "read",
+        help="read once; print the raw registers and every type in all four layouts",
+        description="Read once and print the raw values, then every type decoded in the "
+        "ABCD, CDAB, BADC and DCBA layouts side by side. Exit 1 on invalid arguments, "
+        "2 when the device cannot be reached, does not respond or returns an exception.",
+        usage_exit_code=EXIT_CONFIG,
+    )
+    read.add_argument("url", help=_MODBUS_URL_HELP)
+    read.add_argument("--unit", type=int, required=True, help="unit id (slave id) of the device")
+    read.add_argument(
+        "--table",
+        choices=("holding", "input", "coil", "discrete"),
+        default=None,
+        help="register table (default: holding, or the one a Modicon address names)",
+    )
+    read.add_argument(
+        "--address",
+        required=True,
+        help="first address: 0-based as in the config, or Modicon notation such as "
+        "4x0101, or 40101 when --table is not given",
+    )
+    read.add_argument(
+        "--address-base",
+        type=int,
+        choices=(0, 1),
+        default=None,
+        help="count --address from 0 or from 1 as the device manual does; "
+        "either value turns off Modicon notation",
+    )
+    read.add_argument(
+        "--count",
+        type=int,
+        default=None,
+        help="number of registers (1 to 125) or bits (1 to 2000); default 2 registers or 8 bits",
+    )
+    read.add_argument("--timeout", default="1s", help='response timeout (default: "1s")')
+    read.add_argument(
+        "--types",
+        default=None,
+        help="comma-separated types to decode, such as float32,int32 (default: all)",
+    )
+
+    scan = actions.add_parser(
+        "scan",
+        help="list the unit ids that respond",
+        description="Probe each unit id with one small read and list those that respond, "
+        "including those that respond with an exception.",
+        usage_exit_code=EXIT_CONFIG,
+    )
+    scan.add_argument("url", help=_MODBUS_URL_HELP)
+    scan.add_argument(
+        "--units", default="1-247", help='unit ids to probe, such as "1-10,15" (default: 1-247)'
+    )
+    scan.add_argument(
+        "--table",
+        choices=("holding", "input", "coil", "discrete"),
+        default=None,
+        help="table of the probe read (default: holding, or the one a Modicon address names)",
+    )
+    scan.add_argument(
+        "--address",
+        default="0",
+        help="0-based address of the probe read, or Modicon notation such as 4x0001 (default: 0)",
+    )
+    scan.add_argument(
+        "--timeout", default="200ms", help='time to wait for each unit id (default: "200ms")'
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one `rig-agent` command and return its exit code."""
-    args = _build_parser().parse_args(argv)
+    parser = _build_parser()
+    args, unrecognized = parser.parse_known_args(argv)
+    if unrecognized:
+        # argparse reports unknown options from the top-level parser, so give it the
+        # usage exit code of the command they were written after.
+        if args.command == "modbus":
+            parser.usage_exit_code = EXIT_CONFIG
+        parser.error(f"unrecognized arguments: {' '.join(unrecognized)}")
     if args.command == "check-config":
         return _check_config(args.file)
     if args.command == "run":
@@ -73,6 +180,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         from agent.demo import run_demo
 
         return run_demo(duration=args.duration, data_dir=args.data_dir)
+    if args.command == "modbus":
+        return _modbus(args)
+    return EXIT_CONFIG
+
+
+def _modbus(args: argparse.Namespace) -> int:
+    from agent.modbus_tools import run_read, run_scan
+
+    if args.modbus_command == "read":
+        return run_read(
+            args.url,
+            unit=args.unit,
+            table=args.table,
+            address=args.address,
+            address_base=args.address_base,
+            count=args.count,
+            timeout=args.timeout,
+            types=args.types,
+        )
+    if args.modbus_command == "scan":
+        return run_scan(
+            args.url,
+            units=args.units,
+            table=args.table,
+            address=args.address,
+            timeout=args.timeout,
+        )
+    print(
+        "rig-agent modbus: name an action: read or scan (see rig-agent modbus --help)",
+        file=sys.stderr,
+    )
     return EXIT_CONFIG
 
 

@@ -15,7 +15,8 @@ from buffer.store import Buffer
 from buffer.writer import BufferWriter
 from config.model import Config
 from drivers.base import Driver
-from drivers.modbus import ModbusTcpDriver
+from drivers.modbus import ModbusDriver
+from drivers.modbus_bus import BusRegistry
 from uplink.mqtt import MqttSink
 
 __all__ = ["SHUTDOWN_BUDGET", "Agent"]
@@ -33,7 +34,10 @@ class Agent:
         self.config = config
         self.buffer = Buffer(config.agent.data_dir, config.enabled_sinks())
         self.writer = BufferWriter(self.buffer, config.buffer.commit_interval)
-        self.drivers: list[Driver] = [ModbusTcpDriver(s) for s in config.sources.modbus]
+        buses = BusRegistry()
+        self.drivers: list[Driver] = [
+            ModbusDriver(s, buses.bus_for(s.endpoint)) for s in config.sources.modbus
+        ]
         self.sinks: list[MqttSink] = []
         if config.mqtt is not None:
             self.sinks.append(

@@ -19,9 +19,10 @@ from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails
 
-from config.model import NAME_PATTERN, Config
+from config.model import NAME_PATTERN, Config, ModbusSource
 from config.toml_lines import TomlLines, TomlPath
 from config.units import format_duration, format_size
+from drivers.modbus_plan import describe_plan, plan_for_source
 
 __all__ = [
     "MISSING",
@@ -346,13 +347,24 @@ def _unquoted(text: str, kind: str) -> str | None:
 
 def _literal_message(path: TomlPath, value: object, details: ErrorDetails) -> str:
     field = _field_at(path)
-    choices = get_args(field.annotation) if field is not None else ()
+    choices = _literal_choices(field.annotation) if field is not None else ()
     if not choices:
         return f"expected {details.get('ctx', {}).get('expected', 'one of the listed values')}"
     message = f"expected one of {', '.join(format_value(choice) for choice in choices)}"
     names = [choice for choice in choices if isinstance(choice, str)]
     close = get_close_matches(str(value).lower(), names, n=1) if isinstance(value, str) else []
     return f"{message}; did you mean {format_value(close[0])}?" if close else message
+
+
+def _literal_choices(annotation: Any) -> tuple[object, ...]:
+    """Return the values of a Literal annotation, also inside `Literal[...] | None`."""
+    if get_origin(annotation) is Literal:
+        return get_args(annotation)
+    if get_origin(annotation) in (Union, types.UnionType):
+        return tuple(
+            choice for argument in get_args(annotation) for choice in _literal_choices(argument)
+        )
+    return ()
 
 
 def _range_message(path: TomlPath, value: object, details: ErrorDetails) -> str:
@@ -600,16 +612,7 @@ def summarize(config: Config) -> str:
         ),
     ]
     for source in config.sources.modbus:
-        count = len(source.points)
-        rows.append(
-            (
-                f"source {source.name}",
-                f"modbus {source.url}, unit {source.unit_id}, "
-                f"poll every {format_duration(source.poll_interval)}, "
-                f"timeout {format_duration(source.timeout)}, "
-                f"{count} point{'s' if count != 1 else ''}",
-            )
-        )
+        rows.extend(_source_rows(source))
     if not config.sources.modbus:
         rows.append(("sources", "none; add a [[sources.modbus]] table to read a device"))
     if config.mqtt is not None:
@@ -623,3 +626,27 @@ def summarize(config: Config) -> str:
         rows.append(("sinks", "none; readings stay in the local buffer"))
     width = max(len(label) for label, _ in rows) + 1
     return "\n".join(f"{label + ':':<{width}} {text}" for label, text in rows)
+
+
+def _source_rows(source: ModbusSource) -> list[tuple[str, str]]:
+    """Describe one Modbus source: its connection, its read plan and each converted address."""
+    count = len(source.points)
+    settings = [
+        f"modbus {source.endpoint.describe()}",
+        f"unit {source.unit_id}",
+        f"poll every {format_duration(source.poll_interval)}",
+        f"timeout {format_duration(source.timeout)}",
+    ]
+    if source.frame_pause:
+        settings.append(f"frame pause {format_duration(source.frame_pause)}")
+    settings.append(f"{count} point{'s' if count != 1 else ''}")
+    rows = [(f"source {source.name}", ", ".join(settings))]
+    try:
+        plan = describe_plan(source, plan_for_source(source))
+    except ValueError as exc:
+        plan = f"cannot be planned: {exc}"
+    rows.append((f"plan {source.name}", plan))
+    for point in source.points:
+        if point.address_note:
+            rows.append((f"point {source.name}/{point.channel}", point.address_note))
+    return rows

@@ -2,16 +2,44 @@
 
 from __future__ import annotations
 
+import struct
+from contextvars import ContextVar
 from difflib import get_close_matches
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ModelWrapValidatorHandler,
+    PrivateAttr,
+    StrictFloat,
+    StrictInt,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
-from config.units import ByteSize, Duration
-from drivers.modbus_types import DATA_TYPES, REGISTER_TABLES
+from config.units import ByteSize, Duration, NonNegativeDuration, format_duration
+from drivers.modbus_transport import Endpoint, parse_modbus_url
+from drivers.modbus_types import (
+    BIT_TABLES,
+    DATA_TYPES,
+    MAX_READ_BITS,
+    MAX_READ_REGISTERS,
+    ORDER_NAMES,
+    REGISTER_TABLES,
+    TABLES,
+    DataType,
+    ModiconAddress,
+    TableName,
+    fold_order,
+    modicon_from_integer,
+    order_name,
+    parse_modicon,
+)
 
 __all__ = [
     "NAME_PATTERN",
@@ -58,28 +86,66 @@ class AgentSection(_Section):
     data_dir: Path = Path("/var/lib/rig-agent")
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # NOTE: accepted so that configs stay valid; no metrics endpoint is served yet.
     metrics_listen: str = "127.0.0.1:9108"
 
 
 class BufferSection(_Section):
     """The `[buffer]` table: size cap and commit cadence of the SQLite buffer."""
 
+    # NOTE: accepted but not enforced yet; the buffer grows while a sink is down.
     max_bytes: ByteSize = 2 * 1024**3
     commit_interval: Duration = 0.1
 
 
+# The address of a point depends on `address_base`, a key of its source, but
+# pydantic validates each point before any validator of the source runs. The
+# source's wrap validator therefore sets its address_base here for the
+# duration of its own validation.
+_ADDRESS_BASE: ContextVar[int] = ContextVar("address_base", default=0)
+
+
 class ModbusPoint(_Section):
-    """One `[[sources.modbus.points]]` entry: a value held in one or more registers."""
+    """One `[[sources.modbus.points]]` entry: a value held in registers, a coil or an input bit.
+
+    After validation, `table` and `address` are final: a Modicon address
+    such as 40101 or a 1-based address (address_base = 1) has become the
+    table and 0-based protocol address, and `address_note` explains the
+    conversion. `word_order` and `byte_order` are canonical, with `order`
+    folded into them.
+    """
 
     channel: str = Field(pattern=NAME_PATTERN, min_length=1, max_length=64)
-    table: Literal["holding", "input"] = "holding"
+    table: TableName = "holding"
     address: int = Field(ge=0, le=65535, strict=True)
     type: str = "uint16"
+    bit: int | None = Field(default=None, ge=0, le=15, strict=True)
+    order: Literal["ABCD", "CDAB", "BADC", "DCBA"] | None = None
     word_order: Literal["big", "little"] = "big"
     byte_order: Literal["big", "little"] = "big"
     scale: float = Field(default=1.0, strict=True)
     offset: float = Field(default=0.0, strict=True)
+    null_value: StrictInt | StrictFloat | None = None
     unit: str = ""
+
+    _written_address: int | str | None = PrivateAttr(default=None)
+    _address_notation: str = PrivateAttr(default="")
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _resolve(cls, data: Any, handler: ModelWrapValidatorHandler[ModbusPoint]) -> ModbusPoint:
+        """Fold `order`, convert the written address and pick the default type of the table."""
+        if not isinstance(data, dict):
+            return handler(data)
+        values = dict(data)
+        _fold_orders(values)
+        conversion = _convert_address(values, _ADDRESS_BASE.get())
+        if "type" not in values and values.get("table") in BIT_TABLES:
+            values["type"] = "bool"
+        point = handler(values)
+        if conversion is not None:
+            point._written_address, point._address_notation = conversion
+        return point
 
     @field_validator("type")
     @classmethod
@@ -94,52 +160,264 @@ class ModbusPoint(_Section):
     @field_validator("table", mode="before")
     @classmethod
     def _known_table(cls, value: object) -> object:
-        if isinstance(value, str) and value not in REGISTER_TABLES:
-            names = ", ".join(REGISTER_TABLES)
-            hint = _suggestion(value, REGISTER_TABLES)
+        if isinstance(value, str) and value not in TABLES:
+            names = ", ".join(TABLES)
+            hint = _suggestion(value, list(TABLES))
             msg = f"unknown register table {value!r}: expected one of {names}{hint}"
             raise ValueError(msg)
         return value
 
+    @field_validator("order", mode="before")
+    @classmethod
+    def _order_upper(cls, value: object) -> object:
+        return value.strip().upper() if isinstance(value, str) else value
+
     @model_validator(mode="after")
-    def _fits_address_space(self) -> ModbusPoint:
-        last = self.address + DATA_TYPES[self.type].registers - 1
+    def _consistent(self) -> ModbusPoint:
+        self._check_type_in_table()
+        self._check_bit()
+        self._check_null_value()
+        self._check_address_space()
+        return self
+
+    def _check_type_in_table(self) -> None:
+        if self.table in DATA_TYPES[self.type].tables:
+            return
+        msg = (
+            f"type {self.type!r} cannot be read from a {self.table} table, which holds "
+            f'single bits: use type = "bool", or leave type out'
+        )
+        raise _error_at(msg, "type")
+
+    def _check_bit(self) -> None:
+        is_bool = self.data_type.is_bit
+        if self.bit is not None and not is_bool:
+            msg = (
+                f'bit applies only to type "bool", not "{self.type}": remove bit, or set '
+                'type = "bool" to read one bit of the register'
+            )
+            raise _error_at(msg, "bit")
+        if self.bit is not None and self.table in BIT_TABLES:
+            msg = f"bit does not apply to a {self.table}, which is a single bit already: remove bit"
+            raise _error_at(msg, "bit")
+        if is_bool and self.bit is None and self.table in REGISTER_TABLES:
+            msg = (
+                f"a bool in a {self.table} register needs bit = 0 to 15 to say which bit of "
+                "the 16-bit register to read (0 is the least significant): add bit"
+            )
+            raise _error_at(msg, "type")
+        if is_bool:
+            # "big" is the default of both orders, so a dumped and reloaded point passes.
+            given = {
+                "order": self.order is not None,
+                "word_order": self.word_order != "big",
+                "byte_order": self.byte_order != "big",
+            }
+            for key, is_given in given.items():
+                if is_given:
+                    msg = (
+                        f"{key} does not apply to a bool, which is one bit taken as the "
+                        f"device sends it: remove {key}"
+                    )
+                    raise _error_at(msg, key)
+
+    def _check_null_value(self) -> None:
+        if self.null_value is None:
+            return
+        data_type = self.data_type
+        if data_type.is_bit:
+            msg = "null_value does not apply to a bool, which is always 0 or 1: remove null_value"
+            raise _error_at(msg, "null_value")
+        if data_type.name == "float32" and _outside_float32(self.null_value):
+            msg = (
+                f"float32 never reads {self.null_value!r}, so this null_value would never "
+                f"match: expected a value within \u00b13.4e38, as the device sends it before "
+                "scale and offset"
+            )
+            raise _error_at(msg, "null_value")
+        limits = data_type.int_range
+        if limits is None:
+            return
+        low, high = limits
+        whole = isinstance(self.null_value, int) or float(self.null_value).is_integer()
+        if not whole or not low <= self.null_value <= high:
+            msg = (
+                f"{self.type} never reads {self.null_value!r}, so this null_value would never "
+                f"match: expected a whole number from {low} to {high}, as the device sends "
+                "it before scale and offset"
+            )
+            raise _error_at(msg, "null_value")
+
+    def _check_address_space(self) -> None:
+        last = self.address + self.span - 1
         if last > 65535:
             msg = (
                 f"{self.type} spans {self.registers} registers, so address {self.address} "
-                f"runs past register 65535: expected an address of at most {65536 - self.registers}"
+                f"runs past register 65535: expected an address of at most {65536 - self.span}"
             )
             raise _error_at(msg, "address")
-        return self
+
+    @property
+    def data_type(self) -> DataType:
+        """The entry of the point's type in the data-type table."""
+        return DATA_TYPES[self.type]
+
+    @property
+    def is_bits(self) -> bool:
+        """Whether the point is read from a bit table (coil or discrete input)."""
+        return self.table in BIT_TABLES
 
     @property
     def registers(self) -> int:
-        """Number of registers the point spans."""
-        return DATA_TYPES[self.type].registers
+        """Number of registers the point spans; for a coil or discrete input, 1 bit."""
+        return 1 if self.is_bits else self.data_type.registers
+
+    @property
+    def span(self) -> int:
+        """Number of addresses the point covers in its table: registers, or 1 bit."""
+        return self.registers
+
+    @property
+    def layout(self) -> str:
+        """The four-letter name of the point's word and byte order: ABCD, CDAB, BADC or DCBA."""
+        return order_name(self.word_order, self.byte_order)
+
+    @property
+    def address_note(self) -> str:
+        """How the written address became the table and address, or "" if it was used as is."""
+        if self._written_address is None:
+            return ""
+        unit = TABLES[self.table].unit_name
+        return (
+            f"address {self._written_address} \u2192 {self.table} {unit} {self.address} "
+            f"({self._address_notation})"
+        )
+
+
+def _outside_float32(value: float) -> bool:
+    """Return whether a value is too large for float32, which cannot store it at all."""
+    try:
+        struct.pack(">f", value)
+    except OverflowError:
+        return True
+    return False
+
+
+def _fold_orders(values: dict[str, Any]) -> None:
+    """Replace `order` by the word_order and byte_order it stands for, in the raw point table."""
+    order = values.get("order")
+    if not isinstance(order, str):
+        return
+    word_order = values.get("word_order")
+    byte_order = values.get("byte_order")
+    if not (isinstance(word_order, str | None) and isinstance(byte_order, str | None)):
+        return
+    try:
+        folded = fold_order(order, word_order, byte_order)
+    except ValueError as exc:
+        close = get_close_matches(order.strip().upper(), list(ORDER_NAMES), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        msg = f"{exc}{hint}"
+        raise _error_at(msg, "order") from None
+    values["word_order"], values["byte_order"] = folded
+
+
+def _convert_address(values: dict[str, Any], address_base: int) -> tuple[int | str, str] | None:
+    """Turn a Modicon or 1-based address of the raw point table into table and 0-based address.
+
+    Returns the written address and the name of its notation, or None when
+    the address is used as written (or is left for the field check to reject).
+    """
+    written = values.get("address")
+    table = values.get("table")
+    modicon: ModiconAddress | None = None
+    if isinstance(written, str):
+        try:
+            modicon = parse_modicon(written)
+        except ValueError as exc:
+            raise _error_at(str(exc), "address") from None
+    elif isinstance(written, int) and not isinstance(written, bool) and table is None:
+        modicon = modicon_from_integer(written)
+
+    if modicon is not None:
+        if isinstance(table, str) and table in TABLES and table != modicon.table:
+            unit = TABLES[modicon.table].unit_name
+            msg = (
+                f"address {written!r} is {modicon.table} {unit} {modicon.address} in Modicon "
+                f"{modicon.notation} notation, but table = {table!r}: remove table, or write "
+                f"the 0-based {table} address as a plain number"
+            )
+            raise _error_at(msg, "address")
+        values["table"], values["address"] = modicon.table, modicon.address
+        return modicon.written, f"Modicon {modicon.notation} notation, 1-based"
+
+    if address_base == 1 and isinstance(written, int) and not isinstance(written, bool):
+        if not 1 <= written <= 65536:
+            msg = (
+                f"address {written} is out of range for address_base = 1: expected 1 to 65536, "
+                "the 1-based number from the device manual (or set address_base = 0 "
+                "for 0-based addresses)"
+            )
+            raise _error_at(msg, "address")
+        values["address"] = written - 1
+        return written, "address_base = 1"
+    return None
+
+
+def _serial_settings(endpoint: Endpoint) -> dict[str, object]:
+    return {
+        "baudrate": endpoint.baudrate,
+        "parity": endpoint.parity,
+        "stopbits": endpoint.stopbits,
+        "bytesize": endpoint.bytesize,
+    }
 
 
 class ModbusSource(_Section):
-    """One `[[sources.modbus]]` device: a connection, a unit id and its points."""
+    """One `[[sources.modbus]]` device: a connection, a unit id and its points.
+
+    NOTE: the points hold final 0-based addresses, so validating the output
+    of `model_dump()` again with address_base = 1 would subtract 1 twice.
+    The agent always validates the TOML file itself.
+    """
 
     name: str = Field(pattern=NAME_PATTERN, min_length=1, max_length=64)
     url: str
     unit_id: int = Field(default=1, ge=0, le=255, strict=True)
     poll_interval: Duration = 1.0
     timeout: Duration = 0.5
+    address_base: Literal[0, 1] = 0
+    max_request_registers: int = Field(default=MAX_READ_REGISTERS, ge=1, le=125, strict=True)
+    max_request_bits: int = Field(default=MAX_READ_BITS, ge=1, le=2000, strict=True)
+    max_gap: int = Field(default=0, ge=0, le=124, strict=True)
+    frame_pause: NonNegativeDuration = 0.0
     points: list[ModbusPoint] = Field(min_length=1)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _publish_address_base(
+        cls, data: Any, handler: ModelWrapValidatorHandler[ModbusSource]
+    ) -> ModbusSource:
+        """Validate the source while its points can see its address_base."""
+        base = data.get("address_base") if isinstance(data, dict) else None
+        token = _ADDRESS_BASE.set(1 if base == 1 and not isinstance(base, bool) else 0)
+        try:
+            return handler(data)
+        finally:
+            _ADDRESS_BASE.reset(token)
 
     @field_validator("url")
     @classmethod
-    def _tcp_url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme != "tcp" or not parts.hostname:
-            msg = f'invalid Modbus URL {value!r}: expected "tcp://host:port"'
-            raise ValueError(msg)
-        try:
-            parts.port  # noqa: B018 - raises ValueError on a bad port
-        except ValueError:
-            msg = f"invalid port in Modbus URL {value!r}: expected a number from 1 to 65535"
-            raise ValueError(msg) from None
+    def _modbus_url(cls, value: str) -> str:
+        parse_modbus_url(value)
+        return value
+
+    @field_validator("address_base", mode="before")
+    @classmethod
+    def _address_base_number(cls, value: object) -> object:
+        if isinstance(value, bool):
+            msg = f"expected the number 0 or 1, got {str(value).lower()}"
+            raise ValueError(msg)  # noqa: TRY004 - pydantic reports ValueError as a field error
         return value
 
     @model_validator(mode="after")
@@ -155,15 +433,43 @@ class ModbusSource(_Section):
                 raise _error_at(msg, "points", index, "channel")
         return self
 
+    @model_validator(mode="after")
+    def _points_fit_requests(self) -> ModbusSource:
+        for index, point in enumerate(self.points):
+            if not point.is_bits and point.registers > self.max_request_registers:
+                msg = (
+                    f"max_request_registers = {self.max_request_registers} is smaller than "
+                    f"points[{index}] ({point.channel!r}, a {point.type} of {point.registers} "
+                    f"registers), which is never split across reads: expected at least "
+                    f"{point.registers}"
+                )
+                raise _error_at(msg, "max_request_registers")
+        return self
+
+    @model_validator(mode="after")
+    def _serial_unit_id(self) -> ModbusSource:
+        if self.endpoint.kind != "tcp" and self.unit_id == 0:
+            msg = (
+                "unit_id 0 is the broadcast address on a serial bus, which no device answers: "
+                "expected the device's own id, 1 to 247"
+            )
+            raise _error_at(msg, "unit_id")
+        return self
+
+    @property
+    def endpoint(self) -> Endpoint:
+        """Where the device is reached: TCP address or serial port, with its framing."""
+        return parse_modbus_url(self.url)
+
     @property
     def host(self) -> str:
-        """Host name or address of the device."""
-        return urlsplit(self.url).hostname or ""
+        """Host name or address of a TCP or RTU-over-TCP device; "" for a serial port."""
+        return self.endpoint.host
 
     @property
     def port(self) -> int:
         """TCP port of the device (502 when the URL gives none)."""
-        return urlsplit(self.url).port or 502
+        return self.endpoint.port
 
 
 class Sources(_Section):
@@ -255,6 +561,26 @@ class Config(_Section):
                 raise _error_at(msg, "sources", "modbus", index, "name")
         return self
 
+    @model_validator(mode="after")
+    def _shared_buses_agree(self) -> Config:
+        first_on_bus: dict[str, int] = {}
+        first_unit: dict[tuple[str, int], int] = {}
+        for index, source in enumerate(self.sources.modbus):
+            endpoint = source.endpoint
+            first = first_on_bus.setdefault(endpoint.bus_key, index)
+            if first != index:
+                _check_same_bus(self.sources.modbus[first], source, index)
+            unit_first = first_unit.setdefault((endpoint.bus_key, source.unit_id), index)
+            if unit_first != index:
+                other = self.sources.modbus[unit_first]
+                msg = (
+                    f"sources {other.name!r} and {source.name!r} both read unit {source.unit_id} "
+                    f"on {endpoint.bus_key}: give each device on one bus its own unit_id, "
+                    "or merge their points into one source"
+                )
+                raise _error_at(msg, "sources", "modbus", index, "unit_id")
+        return self
+
     def enabled_sinks(self) -> list[str]:
         """Return the names of the sinks this config enables, in a fixed order."""
         return ["mqtt"] if self.mqtt is not None else []
@@ -263,3 +589,26 @@ class Config(_Section):
         """Return the MQTT topic prefix with `{rig_id}` filled in."""
         prefix = self.mqtt.topic_prefix if self.mqtt else "rigs/{rig_id}"
         return prefix.replace("{rig_id}", self.agent.rig_id)
+
+
+def _check_same_bus(first: ModbusSource, source: ModbusSource, index: int) -> None:
+    """Raise if two sources on one bus disagree on its serial settings or frame pause."""
+    endpoint = source.endpoint
+    if endpoint.is_serial:
+        mine, theirs = _serial_settings(endpoint), _serial_settings(first.endpoint)
+        for key, value in mine.items():
+            if value != theirs[key]:
+                msg = (
+                    f"sources {first.name!r} and {source.name!r} share serial port "
+                    f"{endpoint.path} but set {key} {theirs[key]} and {value}: every device on "
+                    "one port uses the same serial settings, so make the two URLs agree"
+                )
+                raise _error_at(msg, "sources", "modbus", index, "url")
+    if source.frame_pause != first.frame_pause:
+        msg = (
+            f"sources {first.name!r} and {source.name!r} share {endpoint.bus_key} but set "
+            f"frame_pause {format_duration(first.frame_pause)} and "
+            f"{format_duration(source.frame_pause)}: the pause belongs to the bus, so give "
+            "both the same value"
+        )
+        raise _error_at(msg, "sources", "modbus", index, "frame_pause")

@@ -10,9 +10,11 @@ from pydantic import BeforeValidator, PlainSerializer
 __all__ = [
     "ByteSize",
     "Duration",
+    "NonNegativeDuration",
     "format_duration",
     "format_size",
     "parse_duration",
+    "parse_non_negative_duration",
     "parse_size",
 ]
 
@@ -39,7 +41,20 @@ def _describe(value: object) -> str:
 
 
 def parse_duration(value: Any) -> float:
-    """Convert a duration string such as "500ms", "1s" or "5m" to seconds."""
+    """Convert a duration string such as "500ms", "1s" or "5m" to seconds, greater than zero."""
+    seconds = _parse_seconds(value)
+    if seconds <= 0:
+        msg = f"invalid duration {value!r}: must be greater than zero"
+        raise ValueError(msg)
+    return seconds
+
+
+def parse_non_negative_duration(value: Any) -> float:
+    """Convert a duration string to seconds, accepting zero ("0ms") to turn a wait off."""
+    return _parse_seconds(value)
+
+
+def _parse_seconds(value: Any) -> float:
     if isinstance(value, int | float) and not isinstance(value, bool):
         msg = (
             f"invalid duration {value}: a number needs a unit, written in quotes, "
@@ -56,11 +71,7 @@ def parse_duration(value: Any) -> float:
             f'invalid duration {value!r}: write a number and one of ms, s, m, h, d, such as "500ms"'
         )
         raise ValueError(msg)
-    seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
-    if seconds <= 0:
-        msg = f"invalid duration {value!r}: must be greater than zero"
-        raise ValueError(msg)
-    return seconds
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
 
 
 def parse_size(value: Any) -> int:
@@ -103,7 +114,14 @@ def format_size(size: int) -> str:
 Duration = Annotated[
     float, BeforeValidator(parse_duration), PlainSerializer(format_duration, return_type=str)
 ]
-"""Seconds, written in TOML as a string with a unit."""
+"""Seconds, greater than zero, written in TOML as a string with a unit."""
+
+NonNegativeDuration = Annotated[
+    float,
+    BeforeValidator(parse_non_negative_duration),
+    PlainSerializer(format_duration, return_type=str),
+]
+"""Seconds, zero or more, written in TOML as a string with a unit ("0ms" turns a wait off)."""
 
 ByteSize = Annotated[int, BeforeValidator(parse_size)]
 """Bytes, written in TOML as a string with a unit."""

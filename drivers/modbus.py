@@ -1,143 +1,129 @@
-"""Modbus TCP driver: reads a device's registers on a fixed schedule and emits readings."""
+"""Modbus driver: polls one device (unit id) over TCP, RTU or RTU over TCP and emits readings."""
 
 from __future__ import annotations
 
 import asyncio
 import math
-import random
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import structlog
-from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.constants import ExcCodes
-from pymodbus.exceptions import ModbusException
-from pymodbus.pdu import ModbusPDU
 from structlog.typing import FilteringBoundLogger
 
 from buffer.reading import Quality, Reading, now_us
 from config.model import ModbusPoint, ModbusSource
-from config.units import format_duration
 from drivers.base import Emit
-from drivers.modbus_decode import apply_scale, decode_registers
-from drivers.modbus_plan import ReadRequest, plan_requests
+from drivers.modbus_bus import (
+    Backoff,
+    DeviceException,
+    DeviceTimeout,
+    InvalidResponse,
+    LinkDown,
+    ModbusBus,
+    Outage,
+)
+from drivers.modbus_plan import ReadRequest, decode_request, describe_plan, plan_for_source
 
-__all__ = ["ModbusTcpDriver"]
+__all__ = [
+    "DEVICE_BACKOFF_MAX",
+    "DEVICE_BACKOFF_MIN",
+    "DeviceCounters",
+    "ModbusDriver",
+    "ModbusTcpDriver",
+]
 
 log = structlog.get_logger(__name__)
 
-RECONNECT_DELAY_MIN = 0.5
-RECONNECT_DELAY_MAX = 30.0
-"""Bounds in seconds of the jittered, doubling wait between failed connects."""
+DEVICE_BACKOFF_MIN = 1.0
+DEVICE_BACKOFF_MAX = 30.0
+"""Bounds in seconds of the jittered, doubling wait between probes of a silent device."""
 
-GUARD_MARGIN = 0.25
-"""Seconds added to the source timeout for the driver's own deadline on each call.
-
-pymodbus applies the source timeout itself, so this outer deadline only
-catches a call that hangs past it.
-"""
+UNREACHABLE_CODES = frozenset({ExcCodes.GATEWAY_PATH_UNAVIABLE, ExcCodes.GATEWAY_NO_RESPONSE})
+"""Exception codes with which a gateway reports that the device behind it did not respond."""
 
 
 @dataclass
-class _Outage:
-    """Failure state of one connection or read, for rate-limited logging."""
+class DeviceCounters:
+    """Failures and null values of one device since the driver started."""
 
-    failures: int = 0
-    since: float = 0.0
+    timeouts: int = 0
+    """Requests with no response in time, including a gateway's "no response" exception codes."""
+    exception_responses: int = 0
+    """Requests the device rejected with a Modbus exception code."""
+    invalid_responses: int = 0
+    """Responses that did not fit their request."""
+    link_down: int = 0
+    """Polls that found the serial port or TCP connection down."""
+    null_values: Counter[str] = field(default_factory=Counter)
+    """Values equal to the point's null_value, by channel; each produced no reading."""
 
-    def fail(self, logger: FilteringBoundLogger, event: str, **fields: object) -> None:
-        """Log the first failure at WARNING and repeats at DEBUG with a count."""
-        self.failures += 1
-        if self.failures == 1:
-            self.since = time.monotonic()
-            logger.warning(event, **fields)
-        else:
-            logger.debug(event, failures=self.failures, **fields)
-
-    def recover(self, logger: FilteringBoundLogger, event: str, **fields: object) -> bool:
-        """Log the end of an outage at INFO with its length, and return True if there was one."""
-        if self.failures == 0:
-            return False
-        outage_s = round(time.monotonic() - self.since, 3)
-        logger.info(event, outage_s=outage_s, failures=self.failures, **fields)
-        self.failures = 0
-        return True
+    @property
+    def failures(self) -> int:
+        """Failed requests and polls of every kind."""
+        return self.timeouts + self.exception_responses + self.invalid_responses + self.link_down
 
 
-@dataclass
-class _Backoff:
-    """Jittered exponential wait between connect attempts."""
+class ModbusDriver:
+    """Polls one Modbus device at its poll interval and emits one reading per point.
 
-    minimum: float
-    maximum: float
-    attempts: int = 0
-    _random: random.Random = field(default_factory=random.Random)
+    The device shares its bus (serial port or TCP address) with the other
+    devices on it; the bus serialises their frames. Polls of this device
+    never overlap: a poll that overruns the interval skips the missed ticks.
 
-    def next_delay(self) -> float:
-        ceiling = min(self.maximum, self.minimum * 2**self.attempts)
-        self.attempts += 1
-        # Jitter spreads the reconnects of many gateways after a shared outage.
-        return self._random.uniform(self.minimum, max(self.minimum, ceiling))
+    A point that cannot be read gets one reading with quality `bad` and no
+    value when it goes bad, then none until it reads again. The causes:
+    a timeout or lost link (every point of the device), a Modbus exception
+    response (the points of that request), or a value that decodes to NaN
+    or infinity (that point).
 
-    def reset(self) -> None:
-        self.attempts = 0
-
-
-class ModbusTcpDriver:
-    """Polls one Modbus TCP device at its poll interval and emits one reading per point.
-
-    A point that cannot be read (timeout, lost connection, Modbus exception
-    response, or a value that decodes to NaN or infinity) gets one reading
-    with quality `bad` and no value when it goes bad, then none until it
-    reads again.
+    A device that stops responding is probed again after a jittered,
+    doubling backoff, with one request per step, so it costs the other
+    devices on the bus at most one timeout per step.
     """
 
     def __init__(
         self,
         source: ModbusSource,
+        bus: ModbusBus | None = None,
         *,
-        reconnect_delay_min: float = RECONNECT_DELAY_MIN,
-        reconnect_delay_max: float = RECONNECT_DELAY_MAX,
+        backoff_min: float = DEVICE_BACKOFF_MIN,
+        backoff_max: float = DEVICE_BACKOFF_MAX,
     ) -> None:
         self.name = source.name
         self.source = source
-        self.requests: tuple[ReadRequest, ...] = tuple(plan_requests(source.points))
+        endpoint = source.endpoint
+        self.bus = ModbusBus(endpoint) if bus is None else bus
+        if self.bus.key != endpoint.bus_key:
+            msg = f"source {source.name!r} is on {endpoint.bus_key}, not on bus {self.bus.key}"
+            raise ValueError(msg)
+        self.bus.add_device(source.unit_id, timeout=source.timeout, frame_pause=source.frame_pause)
+        self.requests: tuple[ReadRequest, ...] = tuple(plan_for_source(source))
+        self.counters = DeviceCounters()
         self._log: FilteringBoundLogger = log.bind(
             source=source.name, url=source.url, unit_id=source.unit_id
         )
-        self._deadline = source.timeout + GUARD_MARGIN
-        self._backoff = _Backoff(reconnect_delay_min, reconnect_delay_max)
-        self._next_connect_at = 0.0
-        self._link = _Outage()
-        self._request_outages = [_Outage() for _ in self.requests]
+        self._backoff = Backoff(backoff_min, backoff_max)
+        self._unresponsive = Outage()
+        self._probe_at = 0.0
+        self._request_outages = [Outage() for _ in self.requests]
         self._bad: set[str] = set()
         self._overruns = 0
-        self._log_plan()
-
-    def _log_plan(self) -> None:
-        self._log.info("modbus_plan", points=len(self.source.points), requests=len(self.requests))
-        for request in self.requests:
-            channels = [point.channel for point in request.points]
-            self._log.debug("modbus_plan_request", request=request.span, channels=channels)
+        self._log.info(
+            "modbus_plan",
+            points=len(source.points),
+            requests=len(self.requests),
+            plan=describe_plan(source, self.requests),
+        )
 
     async def run(self, emit: Emit) -> None:
         """Poll until cancelled. Device errors become bad readings, not exceptions."""
-        client = AsyncModbusTcpClient(
-            self.source.host,
-            port=self.source.port,
-            name=self.name,
-            timeout=self.source.timeout,
-            retries=0,
-            # The driver reconnects at the start of a poll, with its own backoff.
-            reconnect_delay=0,
-        )
-        try:
-            await self._poll_forever(client, emit)
-        finally:
-            client.close()
+        async with self.bus:
+            await self._poll_forever(emit)
 
-    async def _poll_forever(self, client: AsyncModbusTcpClient, emit: Emit) -> None:
+    async def _poll_forever(self, emit: Emit) -> None:
         loop = asyncio.get_running_loop()
         interval = self.source.poll_interval
         next_tick = loop.time()
@@ -145,7 +131,7 @@ class ModbusTcpDriver:
             delay = next_tick - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
-            readings = await self._poll_once(client)
+            readings = await self._poll_once()
             if readings:
                 await emit(readings)
             next_tick = self._next_tick(next_tick, loop.time(), interval)
@@ -164,101 +150,99 @@ class ModbusTcpDriver:
             self._log.debug("modbus_poll_overrun", overruns=self._overruns, **fields)
         return next_tick + skipped * interval
 
-    async def _poll_once(self, client: AsyncModbusTcpClient) -> list[Reading]:
-        """Read every planned request once and return the readings of this poll."""
-        if not await self._ensure_connected(client):
-            return self._mark_bad(self.source.points)
+    async def _poll_once(self) -> list[Reading]:
+        """Read every planned request once and return the readings of this poll.
+
+        While the device is backing off, ticks before the next probe read
+        nothing. The probe is the poll's first request: if it fails, the
+        poll ends there.
+        """
+        if self._unresponsive.active and time.monotonic() < self._probe_at:
+            return []
         readings: list[Reading] = []
         for index, request in enumerate(self.requests):
-            if client.connected:
-                readings.extend(await self._read(client, index, request))
-            else:
-                readings.extend(self._mark_bad(request.points))
-        if not client.connected:
-            self._link.fail(self._log, "modbus_connection_lost")
+            batch, answered = await self._read(index, request)
+            readings.extend(batch)
+            if not answered:
+                return readings
+        if self._unresponsive.recover(self._log, "modbus_device_recovered"):
+            self._backoff.reset()
         return readings
 
-    async def _ensure_connected(self, client: AsyncModbusTcpClient) -> bool:
-        if client.connected:
-            return True
-        now = time.monotonic()
-        if now < self._next_connect_at:
-            return False
+    async def _read(self, index: int, request: ReadRequest) -> tuple[list[Reading], bool]:
+        """Read one request; return its readings and whether the device responded at all."""
         try:
-            async with asyncio.timeout(self._deadline):
-                connected = await client.connect()
-        except (TimeoutError, OSError):
-            connected = False
-        _raise_if_cancelled()
-        if connected:
-            self._backoff.reset()
-            if not self._link.recover(self._log, "modbus_reconnected"):
-                self._log.info("modbus_connected")
-            return True
+            data = await self.bus.read(
+                self.source.unit_id,
+                request.table,
+                request.address,
+                request.count,
+                self.source.timeout,
+            )
+        except LinkDown:
+            # The bus logs the link state once for all its devices.
+            self.counters.link_down += 1
+            return self._mark_bad(self.source.points), False
+        except DeviceTimeout as exc:
+            return self._device_failed(str(exc)), False
+        except DeviceException as exc:
+            if exc.code in UNREACHABLE_CODES:
+                return self._device_failed(str(exc)), False
+            self.counters.exception_responses += 1
+            return self._request_failed(index, request, str(exc)), True
+        except InvalidResponse as exc:
+            self.counters.invalid_responses += 1
+            return self._request_failed(index, request, str(exc)), True
+        return self._request_read(index, request, data), True
+
+    def _device_failed(self, error: str) -> list[Reading]:
+        """Start or continue the device's backoff and mark all its points bad."""
+        self.counters.timeouts += 1
         retry_in_s = self._backoff.next_delay()
-        self._next_connect_at = now + retry_in_s
-        self._link.fail(self._log, "modbus_connect_failed", retry_in_s=round(retry_in_s, 3))
-        return False
-
-    async def _read(
-        self, client: AsyncModbusTcpClient, index: int, request: ReadRequest
-    ) -> list[Reading]:
-        registers, error = await self._fetch(client, request)
-        ts_us = now_us()
-        outage = self._request_outages[index]
-        if registers is None:
-            outage.fail(self._log, "modbus_read_failed", request=request.span, error=error)
-            return self._mark_bad(request.points)
-        outage.recover(self._log, "modbus_read_recovered", request=request.span)
-        return self._decode(request, registers, ts_us)
-
-    async def _fetch(
-        self, client: AsyncModbusTcpClient, request: ReadRequest
-    ) -> tuple[Sequence[int] | None, str]:
-        """Read the request's registers. Return them, or None and the reason the read failed."""
-        read = (
-            client.read_holding_registers
-            if request.table == "holding"
-            else client.read_input_registers
+        self._probe_at = time.monotonic() + retry_in_s
+        self._unresponsive.fail(
+            self._log, "modbus_device_not_responding", error=error, retry_in_s=round(retry_in_s, 3)
         )
-        response: ModbusPDU | None = None
-        error = ""
-        try:
-            async with asyncio.timeout(self._deadline):
-                response = await read(
-                    request.address, count=request.count, device_id=self.source.unit_id
-                )
-        except TimeoutError:
-            error = f"timed out after {format_duration(self._deadline)}"
-        except (ModbusException, OSError) as exc:
-            error = str(exc)
-        _raise_if_cancelled()
+        return self._mark_bad(self.source.points)
 
-        if response is None:
-            return None, error
-        if response.isError():
-            return None, _describe_exception_code(response.exception_code)
-        if len(response.registers) != request.count:
-            count = len(response.registers)
-            return None, f"returned {count} registers, expected {request.count}"
-        return response.registers, ""
+    def _request_failed(self, index: int, request: ReadRequest, error: str) -> list[Reading]:
+        outage = self._request_outages[index]
+        outage.fail(self._log, "modbus_read_failed", request=request.span, error=error)
+        return self._mark_bad(request.points)
 
-    def _decode(self, request: ReadRequest, registers: Sequence[int], ts_us: int) -> list[Reading]:
+    def _request_read(
+        self, index: int, request: ReadRequest, data: Sequence[int] | Sequence[bool]
+    ) -> list[Reading]:
+        """Turn the response of one request into readings, all stamped with its arrival time."""
+        ts_us = now_us()
+        self._request_outages[index].recover(
+            self._log, "modbus_read_recovered", request=request.span
+        )
         readings: list[Reading] = []
         not_finite: list[ModbusPoint] = []
-        for point in request.points:
-            start = point.address - request.address
-            words = registers[start : start + point.registers]
-            raw = decode_registers(words, point.type, point.word_order, point.byte_order)
-            value = apply_scale(raw, point.scale, point.offset)
-            if not math.isfinite(value):
+        for decoded in decode_request(request, data):
+            point = decoded.point
+            if decoded.status == "null":
+                self._count_null(point)
+            elif decoded.status == "not_finite" or decoded.value is None:
                 not_finite.append(point)
-                continue
-            self._bad.discard(point.channel)
-            readings.append(Reading(ts_us, self.name, point.channel, value, point.unit))
+            else:
+                self._bad.discard(point.channel)
+                readings.append(
+                    Reading(ts_us, self.name, point.channel, float(decoded.value), point.unit)
+                )
         if not_finite:
             readings.extend(self._mark_bad(not_finite, ts_us, reason="value_not_finite"))
         return readings
+
+    def _count_null(self, point: ModbusPoint) -> None:
+        self.counters.null_values[point.channel] += 1
+        self._log.debug(
+            "modbus_null_value",
+            channel=point.channel,
+            null_value=point.null_value,
+            count=self.counters.null_values[point.channel],
+        )
 
     def _mark_bad(
         self, points: Sequence[ModbusPoint], ts_us: int | None = None, reason: str = ""
@@ -276,22 +260,5 @@ class ModbusTcpDriver:
         return readings
 
 
-def _describe_exception_code(code: int) -> str:
-    try:
-        name = ExcCodes(code).name
-    except ValueError:
-        name = "unknown"
-    return f"Modbus exception code {code} ({name})"
-
-
-def _raise_if_cancelled() -> None:
-    """Raise CancelledError if this task was cancelled but a library call swallowed it.
-
-    On Python 3.11, `asyncio.wait_for`, which pymodbus uses for connects and
-    responses, returns the inner result and drops the CancelledError when the
-    cancel arrives just as that result completes. Without this check, the
-    driver would keep polling and never stop.
-    """
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
+ModbusTcpDriver = ModbusDriver
+"""The driver's earlier name, from when it spoke Modbus TCP only."""

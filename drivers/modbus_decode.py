@@ -14,6 +14,11 @@ Orders, for a 32-bit value whose big-endian bytes are A B C D:
 
 Word order "little" reverses every word of the value, so a 64-bit value
 ABCDEFGH in word order "little" and byte order "big" is sent as GH EF CD AB.
+On a one-register value word order has no effect, and byte order still
+swaps its two bytes.
+
+A bool in a register is one bit of the register's value as sent, bit 0
+being the least significant. Word and byte order do not apply to it.
 """
 
 from __future__ import annotations
@@ -24,7 +29,15 @@ from collections.abc import Sequence
 
 from drivers.modbus_types import DATA_TYPES, DataType
 
-__all__ = ["ORDERS", "apply_scale", "decode_registers", "encode_value", "unscale"]
+__all__ = [
+    "ORDERS",
+    "apply_scale",
+    "decode_registers",
+    "encode_value",
+    "read_bit",
+    "unscale",
+    "write_bit",
+]
 
 ORDERS = ("big", "little")
 """Values that `word_order` and `byte_order` accept."""
@@ -33,27 +46,27 @@ _REGISTER_MAX = 0xFFFF
 
 
 def decode_registers(
-    words: Sequence[int], type_name: str, word_order: str, byte_order: str
+    words: Sequence[int],
+    type_name: str,
+    word_order: str,
+    byte_order: str,
+    *,
+    bit: int | None = None,
 ) -> int | float:
     """Decode the registers of one value.
 
-    Returns an `int` for the integer types and a `float` for float32 and
+    Returns an `int` for the integer types, 0 or 1 for bool (which needs
+    `bit`, the bit of the register to read), and a `float` for float32 and
     float64 (NaN and infinities included). Raises ValueError on an unknown
-    type or order, a register outside 0..65535, or a wrong number of
-    registers for the type.
+    type or order, a register outside 0..65535, a wrong number of registers
+    for the type, or a bool without a bit from 0 to 15.
     """
     data_type = _data_type(type_name)
     _check_orders(word_order, byte_order)
-    if len(words) != data_type.registers:
-        msg = (
-            f"{type_name} needs {data_type.registers} register(s), got {len(words)}: "
-            f"pass exactly {data_type.registers} register value(s)"
-        )
-        raise ValueError(msg)
-    for word in words:
-        if not 0 <= word <= _REGISTER_MAX:
-            msg = f"register value {word!r} is outside 0..65535"
-            raise ValueError(msg)
+    if data_type.is_bit:
+        _check_words(words, data_type)
+        return read_bit(words[0], _bit_number(bit))
+    _check_words(words, data_type)
 
     ordered = list(words)
     if word_order == "little":
@@ -63,21 +76,65 @@ def decode_registers(
     return value
 
 
-def encode_value(value: float, type_name: str, word_order: str, byte_order: str) -> list[int]:
+def _check_words(words: Sequence[int], data_type: DataType) -> None:
+    if len(words) != data_type.registers:
+        msg = (
+            f"{data_type.name} needs {data_type.registers} register(s), got {len(words)}: "
+            f"pass exactly {data_type.registers} register value(s)"
+        )
+        raise ValueError(msg)
+    for word in words:
+        if not 0 <= word <= _REGISTER_MAX:
+            msg = f"register value {word!r} is outside 0..65535"
+            raise ValueError(msg)
+
+
+def encode_value(
+    value: float,
+    type_name: str,
+    word_order: str,
+    byte_order: str,
+    *,
+    bit: int | None = None,
+) -> list[int]:
     """Encode one value as the registers a device in the given order would hold.
 
-    Integer types take an `int`, or a `float` with no fractional part. Raises
-    ValueError on an unknown type or order, a fractional value for an integer
-    type, or a value out of the type's range.
+    Integer types take an `int`, or a `float` with no fractional part. A
+    bool (0 or 1) becomes a register with only `bit` set, or 0. Raises
+    ValueError on an unknown type or order, a fractional value for an
+    integer type, or a value out of the type's range.
     """
     data_type = _data_type(type_name)
     _check_orders(word_order, byte_order)
+    if data_type.is_bit:
+        if value not in (0, 1):
+            msg = f"bool needs 0 or 1, got {value!r}"
+            raise ValueError(msg)
+        return [write_bit(0, _bit_number(bit), bool(value))]
     packed = _pack(value, data_type)
 
     words = [_word_from_bytes(packed[i : i + 2], byte_order) for i in range(0, len(packed), 2)]
     if word_order == "little":
         words.reverse()
     return words
+
+
+def read_bit(word: int, bit: int) -> int:
+    """Return bit `bit` (0 = least significant) of a 16-bit register value, as 0 or 1."""
+    return (word >> _bit_number(bit)) & 1
+
+
+def write_bit(word: int, bit: int, value: bool) -> int:
+    """Return the register value with bit `bit` (0 = least significant) set to `value`."""
+    mask = 1 << _bit_number(bit)
+    return (word | mask) if value else (word & ~mask & _REGISTER_MAX)
+
+
+def _bit_number(bit: int | None) -> int:
+    if bit is None or not 0 <= bit <= 15:
+        msg = f"invalid bit {bit!r}: a bool in a register needs a bit number from 0 to 15"
+        raise ValueError(msg)
+    return bit
 
 
 def apply_scale(raw: float, scale: float, offset: float) -> float:

@@ -1,4 +1,4 @@
-"""Real peers for tests: a private mosquitto on a free loopback port, and a subscriber."""
+"""Real peers for tests: a private mosquitto, a subscriber, socat serial pairs, Modbus servers."""
 
 from __future__ import annotations
 
@@ -12,13 +12,21 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import aiomqtt
+from pymodbus import FramerType
+from pymodbus.pdu import ModbusPDU
+from pymodbus.server import ModbusSerialServer, ModbusTcpServer
+from pymodbus.simulator import DataType, SimData, SimDevice
+
+from buffer.reading import Reading
+from drivers.base import Driver
 
 
 def free_port() -> int:
@@ -158,13 +166,20 @@ class AgentProcess:
         self.log = log
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
+    async def start(self, wait_s: float = 20.0) -> None:
+        """Start the agent; wait until it logs `agent_started`, when its signal handlers are set."""
+        offset = self.log.stat().st_size if self.log.exists() else 0
         with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
+            self.proc = subprocess.Popen(  # noqa: ASYNC220 - Popen returns at once
                 [sys.executable, "-m", "agent.cli", "run", "-c", str(self.config)],
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )
+        async with asyncio.timeout(wait_s):
+            while b'"agent_started"' not in self.log.read_bytes()[offset:]:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"agent exited with {self.proc.returncode}; see {self.log}")
+                await asyncio.sleep(0.05)
 
     def kill(self) -> None:
         """Kill with SIGKILL: no shutdown code runs."""
@@ -182,3 +197,208 @@ class AgentProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+
+class SerialPair:
+    """Two linked pseudo-terminals from socat, at fixed link paths that survive a restart.
+
+    Stopping socat makes both ports vanish, as an unplugged USB adapter does;
+    starting it again creates new ptys behind the same two paths.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        binary = shutil.which("socat")
+        if binary is None:
+            raise RuntimeError("socat is not installed: apt-get install socat")
+        self.binary = binary
+        self.a = directory / "ttyA"
+        self.b = directory / "ttyB"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 5.0) -> None:
+        """Start socat and wait until both link paths lead to a pty."""
+        self.proc = subprocess.Popen(
+            [
+                self.binary,
+                "-d",
+                "-d",
+                f"pty,raw,echo=0,link={self.a}",
+                f"pty,raw,echo=0,link={self.b}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + timeout
+        while not (self.a.exists() and self.b.exists()):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"socat exited with code {self.proc.returncode}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"socat did not create {self.a} and {self.b} in {timeout}s")
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        """Stop socat and remove the link paths, so the ports are gone."""
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+        # socat removes its links on SIGTERM; this covers a socat that was killed.
+        self.a.unlink(missing_ok=True)
+        self.b.unlink(missing_ok=True)
+
+
+@dataclass
+class FrameEvent:
+    """A request arriving at or a response leaving a Modbus test server."""
+
+    time: float
+    """time.monotonic() when the frame was decoded or sent."""
+    unit_id: int
+    kind: Literal["request", "response"]
+
+
+def sim_device(
+    unit_id: int, *, registers: int = 300, bits: int = 64, registers_from: int = 0
+) -> SimDevice:
+    """A simulated device whose four tables are separate and start at address 0.
+
+    Holding and input registers cover `registers_from` to `registers - 1`;
+    reads outside that get exception code 2 (illegal data address).
+    """
+    count = registers - registers_from
+    return SimDevice(
+        id=unit_id,
+        simdata=(
+            [SimData(0, count=bits, datatype=DataType.BITS)],
+            [SimData(0, count=bits, datatype=DataType.BITS)],
+            [SimData(registers_from, count=count, datatype=DataType.REGISTERS)],
+            [SimData(registers_from, count=count, datatype=DataType.REGISTERS)],
+        ),
+    )
+
+
+class ModbusPeer:
+    """A pymodbus server for several unit ids, on TCP or on a serial port, that tests observe.
+
+    It counts requests per unit id and function code, records when each
+    request arrived and each response left, and can mute unit ids: a muted
+    unit's responses are dropped, as on a real bus when a device stops
+    responding.
+    """
+
+    def __init__(
+        self, devices: list[SimDevice], *, tcp_port: int = 0, serial_port: Path | None = None
+    ) -> None:
+        if (tcp_port == 0) == (serial_port is None):
+            raise ValueError("give exactly one of tcp_port and serial_port")
+        self.devices = devices
+        self.tcp_port = tcp_port
+        self.serial_port = serial_port
+        self.requests: Counter[tuple[int, int]] = Counter()
+        """Requests received, by (unit id, function code)."""
+        self.events: list[FrameEvent] = []
+        self.connections: list[bool] = []
+        """One entry per client connect (True) and disconnect (False)."""
+        self.muted: set[int] = set()
+        self.server: ModbusTcpServer | ModbusSerialServer | None = None
+
+    async def start(self) -> None:
+        if self.serial_port is not None:
+            self.server = ModbusSerialServer(
+                self.devices,
+                port=str(self.serial_port),
+                framer=FramerType.RTU,
+                baudrate=115200,
+                trace_pdu=self._trace_pdu,
+                trace_packet=self._trace_packet,
+                trace_connect=self.connections.append,
+            )
+        else:
+            self.server = ModbusTcpServer(
+                self.devices,
+                address=("127.0.0.1", self.tcp_port),
+                trace_pdu=self._trace_pdu,
+                trace_packet=self._trace_packet,
+                trace_connect=self.connections.append,
+            )
+        await self.server.serve_forever(background=True)
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.shutdown()  # type: ignore[no-untyped-call]
+            self.server = None
+
+    async def write(self, unit_id: int, table: str, address: int, values: Sequence[Any]) -> None:
+        """Set registers or bits of one table of one unit."""
+        assert self.server is not None
+        codes = {"coil": 1, "discrete": 2, "holding": 3, "input": 4}
+        await self.server.async_setValues(unit_id, codes[table], address, list(values))
+
+    def total(self, unit_id: int) -> int:
+        """Return the number of requests that unit has received."""
+        return sum(n for (unit, _), n in self.requests.items() if unit == unit_id)
+
+    def request_times(self, unit_id: int) -> list[float]:
+        return [e.time for e in self.events if e.kind == "request" and e.unit_id == unit_id]
+
+    def _trace_pdu(self, sending: bool, pdu: ModbusPDU) -> ModbusPDU:
+        if not sending:
+            self.requests[(pdu.dev_id, pdu.function_code)] += 1
+            self.events.append(FrameEvent(time.monotonic(), pdu.dev_id, "request"))
+        return pdu
+
+    def _trace_packet(self, sending: bool, data: bytes) -> bytes:
+        if not sending or not data:
+            return data
+        # The unit id is the first byte of an RTU frame and the seventh of a TCP (MBAP) frame.
+        unit_id = data[0] if self.serial_port is not None else data[6]
+        if unit_id in self.muted:
+            return b""
+        self.events.append(FrameEvent(time.monotonic(), unit_id, "response"))
+        return data
+
+
+class Collector:
+    """The driver's emit callable: records each poll's readings and when they arrived."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.polls: list[tuple[float, list[Reading]]] = []
+        self.delay = delay
+        self._changed = asyncio.Condition()
+
+    async def __call__(self, readings: Sequence[Reading]) -> None:
+        async with self._changed:
+            self.polls.append((asyncio.get_running_loop().time(), list(readings)))
+            self._changed.notify_all()
+        if self.delay:
+            await asyncio.sleep(self.delay)
+
+    async def wait_for(
+        self, predicate: Callable[[list[tuple[float, list[Reading]]]], bool], within: float = 5
+    ) -> None:
+        async with asyncio.timeout(within), self._changed:
+            await self._changed.wait_for(lambda: predicate(self.polls))
+
+    async def wait_polls(self, count: int, within: float = 5) -> None:
+        await self.wait_for(lambda polls: len(polls) >= count, within)
+
+    def readings(self) -> list[Reading]:
+        return [reading for _, batch in self.polls for reading in batch]
+
+
+@asynccontextmanager
+async def running(driver: Driver, emit: Collector) -> AsyncIterator[asyncio.Task[None]]:
+    """Run the driver as a task, cancel it on exit and re-raise any exception it raised."""
+    task = asyncio.create_task(driver.run(emit))
+    try:
+        yield task
+    finally:
+        task.cancel()
+        await asyncio.wait({task}, timeout=5)
+        assert task.done(), "driver still running 5 s after cancel()"
+        if not task.cancelled():
+            task.result()

@@ -19,6 +19,7 @@ from config.loader import (
     load_config,
     summarize,
 )
+from config.model import ModbusPoint
 from config.units import format_duration, format_size, parse_duration, parse_size
 
 CASES = Path(__file__).parent / "cases" / "config"
@@ -222,6 +223,170 @@ MISTAKES = [
 ]
 
 
+MODBUS_MISTAKES = [
+    pytest.param(
+        AGENT + SOURCE + POINT + 'order = "CDAB"\nword_order = "big"\n',
+        'agent.toml:10: sources.modbus[0].points[0].order = "CDAB": order "CDAB" means '
+        'word_order = "little", but word_order = "big" is also given',
+        id="order-contradicts-word-order",
+    ),
+    pytest.param(
+        AGENT + SOURCE + POINT + "order = 1\n",
+        "agent.toml:10: sources.modbus[0].points[0].order = 1: expected one of "
+        '"ABCD", "CDAB", "BADC", "DCBA"',
+        id="order-not-a-string",
+    ),
+    pytest.param(
+        AGENT + SOURCE + '[[sources.modbus.points]]\nchannel = "run"\naddress = 1\n'
+        'type = "bool"\nbit = 0\nbyte_order = "little"\n',
+        'agent.toml:11: sources.modbus[0].points[0].byte_order = "little": byte_order does '
+        "not apply to a bool",
+        id="byte-order-on-bool",
+    ),
+    pytest.param(
+        AGENT + SOURCE + '[[sources.modbus.points]]\nchannel = "run"\naddress = 1\n'
+        'type = "bool"\nbit = 0\norder = "DCBA"\n',
+        'agent.toml:11: sources.modbus[0].points[0].order = "DCBA": order does not apply',
+        id="order-on-bool",
+    ),
+    pytest.param(
+        AGENT + SOURCE + '[[sources.modbus.points]]\nchannel = "run"\ntable = "coil"\n'
+        'address = 1\ntype = "float32"\n',
+        "agent.toml:10: sources.modbus[0].points[0].type = \"float32\": type 'float32' cannot "
+        'be read from a coil table, which holds single bits: use type = "bool"',
+        id="float-on-coil",
+    ),
+    pytest.param(
+        AGENT + SOURCE + '[[sources.modbus.points]]\nchannel = "run"\ntable = "discrete"\n'
+        "address = 1\nbit = 2\n",
+        "agent.toml:10: sources.modbus[0].points[0].bit = 2: bit does not apply to a discrete",
+        id="bit-on-discrete",
+    ),
+    pytest.param(
+        AGENT + SOURCE + '[[sources.modbus.points]]\nchannel = "run"\naddress = 1\n'
+        'type = "bool"\nbit = 16\n',
+        "agent.toml:10: sources.modbus[0].points[0].bit = 16: out of range: expected a number "
+        "from 0 to 15",
+        id="bit-16",
+    ),
+    pytest.param(
+        AGENT + SOURCE + POINT.replace("float32", "uint16") + "null_value = 70000\n",
+        "agent.toml:10: sources.modbus[0].points[0].null_value = 70000: uint16 never reads 70000",
+        id="null-value-out-of-type-range",
+    ),
+    pytest.param(
+        AGENT + SOURCE + POINT.replace("float32", "int16") + "null_value = -1.5\n",
+        "agent.toml:10: sources.modbus[0].points[0].null_value = -1.5: int16 never reads -1.5, "
+        "so this null_value would never match: expected a whole number from -32768 to 32767",
+        id="null-value-fraction-for-integer",
+    ),
+    pytest.param(
+        AGENT + SOURCE + POINT.replace("float32", "float32") + "null_value = 1e39\n",
+        "agent.toml:10: sources.modbus[0].points[0].null_value = 1e+39: float32 never reads",
+        id="null-value-beyond-float32",
+    ),
+    pytest.param(
+        AGENT + SOURCE + '[[sources.modbus.points]]\nchannel = "run"\ntable = "coil"\n'
+        "address = 1\nnull_value = 0\n",
+        "agent.toml:10: sources.modbus[0].points[0].null_value = 0: null_value does not apply "
+        "to a bool",
+        id="null-value-on-bool",
+    ),
+    pytest.param(
+        AGENT + SOURCE + '[[sources.modbus.points]]\nchannel = "spp"\naddress = "100"\n',
+        "agent.toml:8: sources.modbus[0].points[0].address = \"100\": invalid address '100': "
+        "a quoted address must be in Modicon notation",
+        id="quoted-plain-address",
+    ),
+    pytest.param(
+        AGENT + SOURCE + '[[sources.modbus.points]]\nchannel = "spp"\naddress = "40000"\n',
+        "invalid address '40000': the number after the table digit is 1-based, from 1 to 65536",
+        id="modicon-number-zero",
+    ),
+    pytest.param(
+        AGENT + SOURCE + '[[sources.modbus.points]]\nchannel = "spp"\naddress = "4x65537"\n',
+        "invalid address '4x65537': the number after the table digit is 1-based",
+        id="modicon-number-too-big",
+    ),
+    pytest.param(
+        AGENT + SOURCE + "address_base = 1\n" + POINT.replace("100", "65537"),
+        "agent.toml:9: sources.modbus[0].points[0].address = 65537: address 65537 is out of "
+        "range for address_base = 1: expected 1 to 65536",
+        id="address-base-one-too-big",
+    ),
+    pytest.param(
+        AGENT + SOURCE + "address_base = true\n" + POINT,
+        "agent.toml:6: sources.modbus[0].address_base = true: expected the number 0 or 1, got true",
+        id="address-base-boolean",
+    ),
+    pytest.param(
+        AGENT + SOURCE + "address_base = 2\n" + POINT,
+        "agent.toml:6: sources.modbus[0].address_base = 2: expected one of 0, 1",
+        id="address-base-two",
+    ),
+    pytest.param(
+        AGENT + SOURCE + "max_request_registers = 3\n" + POINT.replace("float32", "float64"),
+        "agent.toml:6: sources.modbus[0].max_request_registers = 3: max_request_registers = 3 "
+        "is smaller than points[0] ('spp', a float64 of 4 registers)",
+        id="request-cap-below-point",
+    ),
+    pytest.param(
+        AGENT + SOURCE + "max_request_bits = 2001\n" + POINT,
+        "agent.toml:6: sources.modbus[0].max_request_bits = 2001: out of range: expected a "
+        "number from 1 to 2000",
+        id="bit-cap-over-2000",
+    ),
+    pytest.param(
+        AGENT + SOURCE + "max_gap = 125\n" + POINT,
+        "agent.toml:6: sources.modbus[0].max_gap = 125: out of range: expected a number from "
+        "0 to 124",
+        id="max-gap-over-124",
+    ),
+    pytest.param(
+        AGENT + SOURCE + 'frame_pause = "-5ms"\n' + POINT,
+        "agent.toml:6: sources.modbus[0].frame_pause = \"-5ms\": invalid duration '-5ms'",
+        id="frame-pause-negative",
+    ),
+    pytest.param(
+        AGENT + SOURCE.replace("tcp://127.0.0.1:5020", "rtu://dev/ttyUSB0") + POINT,
+        'agent.toml:5: sources.modbus[0].url = "rtu://dev/ttyUSB0": invalid serial Modbus URL',
+        id="rtu-url-two-slashes",
+    ),
+    pytest.param(
+        AGENT + SOURCE.replace("tcp://127.0.0.1:5020", "modbus://10.0.0.5") + POINT,
+        'agent.toml:5: sources.modbus[0].url = "modbus://10.0.0.5": invalid Modbus URL',
+        id="url-unknown-scheme",
+    ),
+    pytest.param(
+        AGENT
+        + SOURCE.replace("tcp://127.0.0.1:5020", "rtu:///dev/ttyUSB0")
+        + "unit_id = 0\n"
+        + POINT,
+        "agent.toml:6: sources.modbus[0].unit_id = 0: unit_id 0 is the broadcast address on a "
+        "serial bus",
+        id="serial-broadcast-unit",
+    ),
+    pytest.param(
+        AGENT
+        + SOURCE
+        + POINT
+        + SOURCE.replace('"pumps"', '"shakers"')
+        + 'frame_pause = "5ms"\n'
+        + POINT,
+        "agent.toml:13: sources.modbus[1].frame_pause = \"5ms\": sources 'pumps' and 'shakers' "
+        "share tcp://127.0.0.1:5020 but set frame_pause 0ms and 5ms",
+        id="frame-pause-differs-on-bus",
+    ),
+    pytest.param(
+        AGENT + SOURCE + POINT + SOURCE.replace('"pumps"', '"shakers"') + POINT,
+        "agent.toml:10: sources.modbus[1].unit_id: sources 'pumps' and 'shakers' both "
+        "read unit 1 on tcp://127.0.0.1:5020",
+        id="tcp-unit-twice",
+    ),
+]
+MISTAKES += MODBUS_MISTAKES
+
+
 @pytest.mark.parametrize(("text", "expected"), MISTAKES)
 def test_mistake_message(tmp_path: Path, text: str, expected: str) -> None:
     """A single mistake is reported with its line, TOML path, value and expectation."""
@@ -290,7 +455,17 @@ def test_example_summary_names_source() -> None:
     """The summary of the example names its source, URL and point count."""
     summary = summarize(load_config(EXAMPLE))
     assert "source drilling-plc: modbus tcp://127.0.0.1:5020, unit 1, poll every 1s" in summary
-    assert "9 points" in summary
+    assert "12 points" in summary
+
+
+def test_example_serial_block_loads(tmp_path: Path) -> None:
+    """The commented-out serial device of the example is valid once uncommented."""
+    text = EXAMPLE.read_text()
+    start = text.index("# [[sources.modbus]]")
+    end = text.index("# The MQTT broker")
+    block = [line.removeprefix("#").removeprefix(" ") for line in text[start:end].splitlines()]
+    config = load_config(write(tmp_path, text[:start] + "\n".join(block) + "\n" + text[end:]))
+    assert config.sources.modbus[1].endpoint.kind == "rtu"
 
 
 def test_example_summary_names_sink() -> None:
@@ -325,6 +500,220 @@ def test_summary_aligned(tmp_path: Path) -> None:
     lines = summarize(load_config(write(tmp_path, VALID))).splitlines()
     columns = {len(line) - len(line.split(":", 1)[1].lstrip()) for line in lines}
     assert len(columns) == 1
+
+
+# --- Modbus points, addresses and buses ------------------------------------------
+
+
+def load_points(tmp_path: Path, points: str, source_keys: str = "") -> list[ModbusPoint]:
+    text = AGENT + SOURCE + source_keys + points
+    return load_config(write(tmp_path, text)).sources.modbus[0].points
+
+
+@pytest.mark.parametrize(
+    ("address", "table", "offset"),
+    [
+        ('"40101"', "holding", 100),
+        ('"400101"', "holding", 100),
+        ('"4x0101"', "holding", 100),
+        ('"4X101"', "holding", 100),
+        ('"465536"', "holding", 65535),
+        ('"30001"', "input", 0),
+        ('"3x1"', "input", 0),
+        ('"00001"', "coil", 0),
+        ('"10020"', "discrete", 19),
+        ("40101", "holding", 100),
+        ("30001", "input", 0),
+        ("39999", "input", 9998),
+        ("400101", "holding", 100),
+        ("365536", "input", 65535),
+        ("40000", "holding", 40000),
+        ("29999", "holding", 29999),
+        ("100", "holding", 100),
+    ],
+)
+def test_modicon_address(tmp_path: Path, address: str, table: str, offset: int) -> None:
+    """Modicon notation, quoted or as a 3xxxx/4xxxx integer, becomes table and 0-based address."""
+    point_text = f'[[sources.modbus.points]]\nchannel = "p"\naddress = {address}\n'
+    (point,) = load_points(tmp_path, point_text)
+    assert (point.table, point.address) == (table, offset)
+
+
+def test_written_table_keeps_integer(tmp_path: Path) -> None:
+    """With table written, an integer such as 40101 is a plain 0-based address."""
+    text = '[[sources.modbus.points]]\nchannel = "p"\ntable = "holding"\naddress = 40101\n'
+    (point,) = load_points(tmp_path, text)
+    assert point.address == 40101
+    assert point.address_note == ""
+
+
+def test_modicon_matching_table(tmp_path: Path) -> None:
+    """A Modicon address may repeat the table it names."""
+    text = '[[sources.modbus.points]]\nchannel = "p"\ntable = "input"\naddress = "30005"\n'
+    (point,) = load_points(tmp_path, text)
+    assert (point.table, point.address) == ("input", 4)
+
+
+def test_address_base_one(tmp_path: Path) -> None:
+    """With address_base = 1, plain addresses are 1-based and Modicon ones unchanged."""
+    text = (
+        '[[sources.modbus.points]]\nchannel = "a"\naddress = 101\n'
+        '[[sources.modbus.points]]\nchannel = "b"\naddress = 65536\n'
+        '[[sources.modbus.points]]\nchannel = "c"\naddress = "40101"\n'
+        '[[sources.modbus.points]]\nchannel = "d"\ntable = "coil"\naddress = 1\n'
+    )
+    points = load_points(tmp_path, text, "address_base = 1\n")
+    assert [point.address for point in points] == [100, 65535, 100, 0]
+
+
+def test_address_note(tmp_path: Path) -> None:
+    """A converted address keeps what was written and how it was read."""
+    text = (
+        '[[sources.modbus.points]]\nchannel = "a"\naddress = "40101"\n'
+        '[[sources.modbus.points]]\nchannel = "b"\naddress = 7\n'
+        '[[sources.modbus.points]]\nchannel = "c"\ntable = "discrete"\naddress = 3\n'
+    )
+    a, b, c = load_points(tmp_path, text, "address_base = 1\n")
+    assert a.address_note == (
+        "address 40101 \u2192 holding register 100 (Modicon 4xxxx notation, 1-based)"
+    )
+    assert b.address_note == "address 7 \u2192 holding register 6 (address_base = 1)"
+    assert c.address_note == "address 3 \u2192 discrete bit 2 (address_base = 1)"
+
+
+def test_address_base_per_source(tmp_path: Path) -> None:
+    """address_base applies only to the points of its own source."""
+    other = SOURCE.replace('"pumps"', '"shakers"').replace("5020", "5021")
+    text = AGENT + SOURCE + "address_base = 1\n" + POINT + other + POINT
+    sources = load_config(write(tmp_path, text)).sources.modbus
+    assert [source.points[0].address for source in sources] == [99, 100]
+
+
+@pytest.mark.parametrize(
+    ("keys", "orders"),
+    [
+        ('order = "ABCD"', ("big", "big", "ABCD")),
+        ('order = "cdab"', ("little", "big", "CDAB")),
+        ('order = "BADC"\nbyte_order = "little"', ("big", "little", "BADC")),
+        (
+            'order = "dcba"\nword_order = "little"\nbyte_order = "little"',
+            ("little", "little", "DCBA"),
+        ),
+        ('word_order = "little"', ("little", "big", "CDAB")),
+        ("", ("big", "big", "ABCD")),
+    ],
+)
+def test_order_folded(tmp_path: Path, keys: str, orders: tuple[str, str, str]) -> None:
+    """order folds into word_order and byte_order, which define the layout name."""
+    (point,) = load_points(tmp_path, POINT + keys + "\n")
+    assert (point.word_order, point.byte_order, point.layout) == orders
+
+
+def test_bit_tables_default_to_bool(tmp_path: Path) -> None:
+    """Coils and discrete inputs are bools unless a type is written."""
+    text = (
+        '[[sources.modbus.points]]\nchannel = "a"\ntable = "coil"\naddress = 0\n'
+        '[[sources.modbus.points]]\nchannel = "b"\naddress = "10001"\n'
+    )
+    points = load_points(tmp_path, text)
+    assert [(point.table, point.type) for point in points] == [
+        ("coil", "bool"),
+        ("discrete", "bool"),
+    ]
+
+
+def test_bool_in_register(tmp_path: Path) -> None:
+    """A bool on a holding register keeps its bit and spans one register."""
+    text = '[[sources.modbus.points]]\nchannel = "run"\naddress = 3\ntype = "bool"\nbit = 15\n'
+    (point,) = load_points(tmp_path, text)
+    assert (point.bit, point.registers) == (15, 1)
+
+
+@pytest.mark.parametrize(
+    ("type_name", "value"),
+    [
+        ("uint16", "65535"),
+        ("int64", "-9223372036854775808"),
+        ("float32", "-9999.0"),
+        ("float64", "nan"),
+    ],
+)
+def test_null_value_accepted(tmp_path: Path, type_name: str, value: str) -> None:
+    """A null_value that the type can hold is kept exactly as written."""
+    (point,) = load_points(
+        tmp_path, POINT.replace("float32", type_name) + f"null_value = {value}\n"
+    )
+    expected = tomllib.loads(f"v = {value}")["v"]
+    assert repr(point.null_value) == repr(expected)
+
+
+def test_source_defaults(tmp_path: Path) -> None:
+    """A source without the new keys reads 0-based addresses with the protocol's limits."""
+    source = load_config(write(tmp_path, VALID)).sources.modbus[0]
+    assert source.address_base == 0
+    assert (source.max_request_registers, source.max_request_bits, source.max_gap) == (125, 2000, 0)
+    assert source.frame_pause == 0.0
+
+
+def test_frame_pause_zero(tmp_path: Path) -> None:
+    """frame_pause accepts "0ms" and a duration with a unit."""
+    text = AGENT + SOURCE + 'frame_pause = "20ms"\n' + POINT
+    assert load_config(write(tmp_path, text)).sources.modbus[0].frame_pause == pytest.approx(0.02)
+
+
+def test_tcp_endpoint(tmp_path: Path) -> None:
+    """A TCP source exposes its endpoint, host and port."""
+    source = load_config(write(tmp_path, VALID)).sources.modbus[0]
+    assert source.endpoint.kind == "tcp"
+    assert (source.host, source.port) == ("127.0.0.1", 5020)
+
+
+def test_rtu_endpoint(tmp_path: Path) -> None:
+    """An rtu URL on a by-id path gives a serial endpoint with its settings."""
+    url = "rtu:///dev/serial/by-id/usb-FTDI-if00?baudrate=9600&parity=E&stopbits=2"
+    text = AGENT + SOURCE.replace("tcp://127.0.0.1:5020", url) + POINT
+    endpoint = load_config(write(tmp_path, text)).sources.modbus[0].endpoint
+    assert endpoint.path == "/dev/serial/by-id/usb-FTDI-if00"
+    assert (endpoint.baudrate, endpoint.parity, endpoint.stopbits) == (9600, "E", 2)
+
+
+def test_serial_port_shared(tmp_path: Path) -> None:
+    """Devices with their own unit ids share one serial port with the same settings."""
+    url = "rtu:///dev/ttyUSB0?baudrate=19200&parity=E"
+    text = AGENT
+    for unit in (1, 2, 3):
+        text += SOURCE.replace('"pumps"', f'"dev{unit}"').replace("tcp://127.0.0.1:5020", url)
+        text += f'unit_id = {unit}\nframe_pause = "5ms"\n' + POINT
+    sources = load_config(write(tmp_path, text)).sources.modbus
+    assert len({source.endpoint.bus_key for source in sources}) == 1
+
+
+def test_same_unit_on_other_bus(tmp_path: Path) -> None:
+    """The same unit id on two different buses is allowed."""
+    other = SOURCE.replace('"pumps"', '"shakers"').replace("tcp://", "rtu+tcp://")
+    text = AGENT + SOURCE + POINT + other + POINT
+    assert len(load_config(write(tmp_path, text)).sources.modbus) == 2
+
+
+def test_summary_lists_conversions(tmp_path: Path) -> None:
+    """The summary explains each converted address and the read plan of each source."""
+    text = AGENT + SOURCE + '[[sources.modbus.points]]\nchannel = "spp"\naddress = "40101"\n'
+    summary = summarize(load_config(write(tmp_path, text)))
+    assert (
+        "point pumps/spp: address 40101 \u2192 holding register 100 "
+        "(Modicon 4xxxx notation, 1-based)"
+    ) in summary
+    assert "plan pumps:" in summary
+    assert "1 point in 1 request (holding 100..100)" in summary
+
+
+def test_summary_serial_settings(tmp_path: Path) -> None:
+    """The summary shows a serial source's port and its settings, defaults included."""
+    url = "rtu:///dev/ttyUSB0?parity=E"
+    text = AGENT + SOURCE.replace("tcp://127.0.0.1:5020", url) + 'frame_pause = "10ms"\n' + POINT
+    summary = summarize(load_config(write(tmp_path, text)))
+    assert "modbus rtu:///dev/ttyUSB0 (19200 8E1), unit 1," in summary
+    assert "frame pause 10ms" in summary
 
 
 # --- Issue rendering ------------------------------------------------------------

@@ -178,7 +178,7 @@ async def test_every_seq_arrives_with_decoded_values(rig: Rig) -> None:
     """50 points polled at 100 ms for 20 s: each seq arrives once, in order, with its value."""
     topic = "rigs/rig-e2e/readings/#"
     async with subscriber(rig.broker.port, topic) as inbox:
-        rig.agent.start()
+        await rig.agent.start()
         await asyncio.sleep(20)
         started_stop = time.monotonic()
         assert rig.agent.terminate(timeout=10) == 0
@@ -189,7 +189,7 @@ async def test_every_seq_arrives_with_decoded_values(rig: Rig) -> None:
 
         # A restart without sources drains what the first run had not yet published.
         write_config(rig.config, rig.data_dir, None, rig.broker.port, rig.points)
-        rig.agent.start()
+        await rig.agent.start()
         await wait_until(lambda: max(inbox.seqs(), default=0) >= last_seq, 30, "the drain")
         assert rig.agent.terminate(timeout=10) == 0
 
@@ -206,7 +206,7 @@ async def test_every_seq_arrives_with_decoded_values(rig: Rig) -> None:
 async def test_broker_outage_loses_nothing(rig: Rig) -> None:
     """A broker stopped for 10 s loses no seq, and the mqtt depth returns to 0 afterwards."""
     async with subscriber(rig.broker.port, "rigs/rig-e2e/readings/#") as inbox:
-        rig.agent.start()
+        await rig.agent.start()
         await wait_until(lambda: len(inbox.seqs()) > 0, 15, "the first readings")
         rig.broker.stop()
         await asyncio.sleep(10)
@@ -229,12 +229,12 @@ async def test_broker_outage_loses_nothing(rig: Rig) -> None:
 async def test_sigkill_and_restart_lose_nothing(rig: Rig) -> None:
     """After SIGKILL and a restart no seq is missing at the subscriber; duplicates are counted."""
     async with subscriber(rig.broker.port, "rigs/rig-e2e/readings/#") as inbox:
-        rig.agent.start()
+        await rig.agent.start()
         await wait_until(lambda: len(inbox.seqs()) > 20 * POINT_COUNT, 20, "readings to flow")
         rig.agent.kill()
         killed_at_seq = read_stats(rig.data_dir, ["mqtt"]).last_seq
 
-        rig.agent.start()
+        await rig.agent.start()
         await wait_until(
             lambda: max(inbox.seqs(), default=0) > killed_at_seq + 10 * POINT_COUNT,
             20,

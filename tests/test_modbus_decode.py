@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from drivers.modbus_decode import apply_scale, decode_registers, encode_value, unscale
-from drivers.modbus_types import DATA_TYPES
+from drivers.modbus_decode import (
+    apply_scale,
+    decode_registers,
+    encode_value,
+    read_bit,
+    unscale,
+    write_bit,
+)
+from drivers.modbus_types import DATA_TYPES, ORDER_NAMES, fold_order, order_name
 
 # Where each byte of the big-endian value (A = most significant) sits on the
 # wire, for each (word_order, byte_order) and register count.
@@ -50,6 +58,31 @@ CASES: list[tuple[str, str, float]] = [
     ("float64", "fff0000000000000", -math.inf),
     ("float64", "7ff8000000000000", math.nan),
 ]
+
+
+# (register value as sent, bit, expected bool): bit 0 is the least significant.
+BIT_CASES: list[tuple[int, int, int]] = [
+    (0x0001, 0, 1),
+    (0x0001, 1, 0),
+    (0x8000, 15, 1),
+    (0x8000, 14, 0),
+    (0x7FFF, 15, 0),
+    (0xFFFF, 7, 1),
+    (0x0100, 8, 1),
+    (0x0100, 0, 0),
+    (0x0000, 3, 0),
+]
+
+
+def test_tables_cover_every_type() -> None:
+    """The raw-words tables hold a case for every type of the data-type table."""
+    covered = {type_name for type_name, _, _ in CASES} | {"bool"}
+    assert covered == set(DATA_TYPES)
+
+
+def test_layouts_match_order_names() -> None:
+    """The layouts used by the tables are the ones the four-letter names stand for."""
+    assert {LAYOUTS[orders][2] for orders in ORDER_NAMES.values()} == set(ORDER_NAMES)
 
 
 def wire_words(big_endian_hex: str, word_order: str, byte_order: str) -> list[int]:
@@ -101,6 +134,89 @@ def test_float32_literal_layouts(word_order: str, byte_order: str, words: list[i
     assert decode_registers(words, "float32", word_order, byte_order) == 1234.5
 
 
+@pytest.mark.parametrize(("word_order", "byte_order"), ORDER_PAIRS)
+@pytest.mark.parametrize(("word", "bit", "expected"), BIT_CASES)
+def test_decode_bit_table(
+    word: int, bit: int, expected: int, word_order: str, byte_order: str
+) -> None:
+    """A bool reads one bit of the register as sent, whatever the orders."""
+    assert decode_registers([word], "bool", word_order, byte_order, bit=bit) == expected
+
+
+@pytest.mark.parametrize("bit", [None, -1, 16])
+def test_decode_bool_needs_bit(bit: int | None) -> None:
+    """A bool in a register without a bit from 0 to 15 raises."""
+    with pytest.raises(ValueError, match="bit number from 0 to 15"):
+        decode_registers([1], "bool", "big", "big", bit=bit)
+
+
+def test_write_bit_keeps_other_bits() -> None:
+    """Setting and clearing one bit leaves the other bits of the register as they were."""
+    word = write_bit(0xF0F0, 0, True)
+    assert word == 0xF0F1
+    assert write_bit(word, 15, False) == 0x70F1
+
+
+def test_encode_bool_sets_only_its_bit() -> None:
+    """A true bool encodes as a register with only its bit set."""
+    assert encode_value(1, "bool", "big", "big", bit=9) == [0x0200]
+
+
+def test_encode_bool_rejects_two() -> None:
+    """A bool value other than 0 or 1 raises."""
+    with pytest.raises(ValueError, match="bool needs 0 or 1, got 2"):
+        encode_value(2, "bool", "big", "big", bit=0)
+
+
+@pytest.mark.parametrize("type_name", ["int16", "uint16"])
+def test_one_register_ignores_word_order(type_name: str) -> None:
+    """Word order has no effect on a one-register value, while byte order swaps its bytes."""
+    big = decode_registers([0x0102], type_name, "big", "big")
+    assert decode_registers([0x0102], type_name, "little", "big") == big
+    assert decode_registers([0x0102], type_name, "little", "little") == 0x0201
+
+
+@pytest.mark.parametrize(
+    ("order", "word_order", "byte_order", "expected"),
+    [
+        ("ABCD", None, None, ("big", "big")),
+        ("cdab", None, None, ("little", "big")),
+        (" BaDc ", None, None, ("big", "little")),
+        ("DCBA", "little", "little", ("little", "little")),
+        ("CDAB", "little", None, ("little", "big")),
+        (None, "little", None, ("little", "big")),
+        (None, None, None, ("big", "big")),
+    ],
+)
+def test_fold_order(
+    order: str | None, word_order: str | None, byte_order: str | None, expected: tuple[str, str]
+) -> None:
+    """A layout name folds into word and byte order, case-insensitively."""
+    assert fold_order(order, word_order, byte_order) == expected
+
+
+@pytest.mark.parametrize(
+    ("order", "word_order", "byte_order", "fragment"),
+    [
+        ("ABDC", None, None, "unknown order 'ABDC': expected one of ABCD, CDAB, BADC, DCBA"),
+        ("CDAB", "big", None, 'order "CDAB" means word_order = "little", but word_order = "big"'),
+        ("ABCD", None, "little", 'order "ABCD" means byte_order = "big", but byte_order'),
+    ],
+)
+def test_fold_order_rejects(
+    order: str, word_order: str | None, byte_order: str | None, fragment: str
+) -> None:
+    """An unknown layout name, or one that contradicts a given order, raises."""
+    with pytest.raises(ValueError, match=re.escape(fragment)):
+        fold_order(order, word_order, byte_order)
+
+
+@pytest.mark.parametrize(("name", "orders"), list(ORDER_NAMES.items()))
+def test_order_name_inverts_fold(name: str, orders: tuple[str, str]) -> None:
+    """order_name returns the layout name that a pair of orders folds from."""
+    assert order_name(*orders) == name
+
+
 def test_int_types_return_int() -> None:
     """Integer types decode to int, so 64-bit counters keep every digit."""
     value = decode_registers([0xFFFF] * 4, "uint64", "big", "big")
@@ -108,6 +224,8 @@ def test_int_types_return_int() -> None:
 
 
 def _value_strategy(type_name: str) -> st.SearchStrategy[float]:
+    if type_name == "bool":
+        return st.integers(0, 1)
     fmt = DATA_TYPES[type_name].struct_format
     if fmt == "f":
         return st.floats(width=32, allow_nan=False)
@@ -120,20 +238,29 @@ def _value_strategy(type_name: str) -> st.SearchStrategy[float]:
 
 
 @st.composite
-def typed_values(draw: st.DrawFn) -> tuple[str, float, str, str]:
+def typed_values(draw: st.DrawFn) -> tuple[str, float, str, str, int | None]:
     type_name = draw(st.sampled_from(sorted(DATA_TYPES)))
     value = draw(_value_strategy(type_name))
     word_order = draw(st.sampled_from(["big", "little"]))
     byte_order = draw(st.sampled_from(["big", "little"]))
-    return type_name, value, word_order, byte_order
+    bit = draw(st.integers(0, 15)) if type_name == "bool" else None
+    return type_name, value, word_order, byte_order, bit
 
 
 @given(typed_values())
-def test_round_trip(case: tuple[str, float, str, str]) -> None:
+def test_round_trip(case: tuple[str, float, str, str, int | None]) -> None:
     """Encoding then decoding returns the same value for every type and order."""
-    type_name, value, word_order, byte_order = case
-    words = encode_value(value, type_name, word_order, byte_order)
-    assert decode_registers(words, type_name, word_order, byte_order) == value
+    type_name, value, word_order, byte_order, bit = case
+    words = encode_value(value, type_name, word_order, byte_order, bit=bit)
+    assert decode_registers(words, type_name, word_order, byte_order, bit=bit) == value
+
+
+@given(st.integers(0, 0xFFFF), st.integers(0, 15), st.booleans())
+def test_bit_round_trip(word: int, bit: int, value: bool) -> None:
+    """A bit written into any register value reads back, and the other bits are unchanged."""
+    written = write_bit(word, bit, value)
+    assert read_bit(written, bit) == int(value)
+    assert written & ~(1 << bit) == word & ~(1 << bit)
 
 
 @given(st.lists(st.integers(0, 0xFFFF), min_size=2, max_size=2))

@@ -1,12 +1,12 @@
-"""ModbusTcpDriver against a real pymodbus server on 127.0.0.1."""
+"""ModbusDriver over Modbus TCP against a real pymodbus server on 127.0.0.1."""
 
 from __future__ import annotations
 
 import asyncio
 import math
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AsyncExitStack
 from itertools import pairwise
 from typing import Any
 
@@ -20,10 +20,11 @@ from structlog.testing import capture_logs
 
 from buffer.reading import Quality, Reading
 from config.model import ModbusPoint, ModbusSource
-from drivers.modbus import ModbusTcpDriver
+from drivers.modbus import ModbusDriver
+from drivers.modbus_bus import BusRegistry, ModbusBus
 from drivers.modbus_decode import apply_scale, encode_value
 from drivers.modbus_plan import plan_requests
-from tests.peers import free_port
+from tests.peers import Collector, ModbusPeer, free_port, running, sim_device
 
 HOLDING_BASE, HOLDING_SIZE = 0, 200
 INPUT_BASE, INPUT_SIZE = 1000, 50
@@ -96,34 +97,6 @@ class Device:
         return b"" if sending and self.mute else data
 
 
-class Collector:
-    """The driver's emit callable: records each poll's readings and when they arrived."""
-
-    def __init__(self, delay: float = 0.0) -> None:
-        self.polls: list[tuple[float, list[Reading]]] = []
-        self.delay = delay
-        self._changed = asyncio.Condition()
-
-    async def __call__(self, readings: Sequence[Reading]) -> None:
-        async with self._changed:
-            self.polls.append((asyncio.get_running_loop().time(), list(readings)))
-            self._changed.notify_all()
-        if self.delay:
-            await asyncio.sleep(self.delay)
-
-    async def wait_for(
-        self, predicate: Callable[[list[tuple[float, list[Reading]]]], bool], within: float = 5
-    ) -> None:
-        async with asyncio.timeout(within), self._changed:
-            await self._changed.wait_for(lambda: predicate(self.polls))
-
-    async def wait_polls(self, count: int, within: float = 5) -> None:
-        await self.wait_for(lambda polls: len(polls) >= count, within)
-
-    def readings(self) -> list[Reading]:
-        return [reading for _, batch in self.polls for reading in batch]
-
-
 @pytest.fixture
 async def device() -> AsyncIterator[Device]:
     """A running test device on a free loopback port."""
@@ -135,21 +108,12 @@ async def device() -> AsyncIterator[Device]:
         await dev.stop()
 
 
-@asynccontextmanager
-async def running(driver: ModbusTcpDriver, emit: Collector) -> AsyncIterator[asyncio.Task[None]]:
-    """Run the driver as a task, cancel it on exit and re-raise any exception it raised."""
-    task = asyncio.create_task(driver.run(emit))
-    try:
-        yield task
-    finally:
-        task.cancel()
-        await asyncio.wait({task}, timeout=5)
-        assert task.done(), "driver still running 5 s after cancel()"
-        if not task.cancelled():
-            task.result()
+def fast_bus(source: ModbusSource) -> ModbusBus:
+    """A bus for the source that retries a failed connect after 50 to 100 ms."""
+    return ModbusBus(source.endpoint, reconnect_delay_min=0.05, reconnect_delay_max=0.1)
 
 
-def make_source(port: int, points: list[dict[str, Any]], **extra: str) -> ModbusSource:
+def make_source(port: int, points: list[dict[str, Any]], **extra: Any) -> ModbusSource:
     fields: dict[str, Any] = {
         "name": "rig",
         "url": f"tcp://127.0.0.1:{port}",
@@ -216,7 +180,7 @@ async def test_mixed_points_decode(device: Device) -> None:
     """50 points of mixed types and orders read back exactly the values the server holds."""
     points = mixed_points()
     expected = await load_points(device, points)
-    driver = ModbusTcpDriver(make_source(device.port, points))
+    driver = ModbusDriver(make_source(device.port, points))
     emit = Collector()
 
     async with running(driver, emit):
@@ -232,7 +196,7 @@ async def test_contiguous_points_share_requests(device: Device) -> None:
     """Contiguous points are read with one request per table per poll."""
     points = mixed_points()
     await load_points(device, points)
-    driver = ModbusTcpDriver(make_source(device.port, points))
+    driver = ModbusDriver(make_source(device.port, points))
     emit = Collector()
 
     async with running(driver, emit):
@@ -248,7 +212,7 @@ async def test_readings_timestamped_per_request(device: Device) -> None:
     """All readings of one request share the timestamp taken when its response arrived."""
     points = mixed_points()
     await load_points(device, points)
-    driver = ModbusTcpDriver(make_source(device.port, points))
+    driver = ModbusDriver(make_source(device.port, points))
     emit = Collector()
 
     async with running(driver, emit):
@@ -269,7 +233,7 @@ async def test_missing_range_one_bad_reading(device: Device) -> None:
         {"channel": "missing", "address": 500, "type": "uint16", "unit": "psi"},
     ]
     await device.write("holding", 10, [1234])
-    driver = ModbusTcpDriver(make_source(device.port, points))
+    driver = ModbusDriver(make_source(device.port, points))
     emit = Collector()
 
     with capture_logs() as logs:
@@ -291,7 +255,7 @@ async def test_exception_response_recovers(device: Device) -> None:
     """An exception response marks points bad once, and good readings return when it clears."""
     points = [{"channel": "spm", "address": 3, "type": "uint16"}]
     await device.write("holding", 3, [120])
-    driver = ModbusTcpDriver(make_source(device.port, points))
+    driver = ModbusDriver(make_source(device.port, points))
     emit = Collector()
 
     with capture_logs() as logs:
@@ -317,7 +281,7 @@ async def test_server_restart_resumes(device: Device) -> None:
     points = mixed_points()[:6]
     expected = await load_points(device, points)
     source = make_source(device.port, points)
-    driver = ModbusTcpDriver(source, reconnect_delay_min=0.05, reconnect_delay_max=0.1)
+    driver = ModbusDriver(source, fast_bus(source))
     emit = Collector()
 
     async with running(driver, emit):
@@ -342,7 +306,7 @@ async def test_silent_device_times_out(device: Device) -> None:
     points = [{"channel": "hookload", "address": 0, "type": "float32"}]
     await device.write("holding", 0, encode_value(250.5, "float32", "big", "big"))
     source = make_source(device.port, points, timeout="100ms")
-    driver = ModbusTcpDriver(source, reconnect_delay_min=0.05, reconnect_delay_max=0.1)
+    driver = ModbusDriver(source, fast_bus(source))
     emit = Collector()
 
     async with running(driver, emit):
@@ -363,7 +327,7 @@ async def test_unreachable_at_start(device: Device) -> None:
     await device.stop()
     points = mixed_points()[:3]
     source = make_source(device.port, points)
-    driver = ModbusTcpDriver(source, reconnect_delay_min=0.05, reconnect_delay_max=0.1)
+    driver = ModbusDriver(source, fast_bus(source))
     emit = Collector()
 
     with capture_logs() as logs:
@@ -386,7 +350,7 @@ async def test_nan_value_is_bad(device: Device) -> None:
     """A float register holding NaN gives one bad reading instead of a NaN value."""
     points = [{"channel": "torque", "address": 20, "type": "float32"}]
     await device.write("holding", 20, encode_value(math.nan, "float32", "big", "big"))
-    driver = ModbusTcpDriver(make_source(device.port, points))
+    driver = ModbusDriver(make_source(device.port, points))
     emit = Collector()
 
     async with running(driver, emit):
@@ -398,10 +362,36 @@ async def test_nan_value_is_bad(device: Device) -> None:
     assert readings[0].quality is Quality.BAD
 
 
+async def test_null_value_counted(device: Device) -> None:
+    """A raw value equal to null_value gives no reading and is counted for its channel."""
+    points = [
+        {"channel": "depth", "address": 30, "type": "int16", "null_value": -9999},
+        {"channel": "spm", "address": 31, "type": "uint16"},
+    ]
+    await device.write("holding", 30, [*encode_value(-9999, "int16", "big", "big"), 88])
+    driver = ModbusDriver(make_source(device.port, points))
+    emit = Collector()
+
+    with capture_logs() as logs:
+        async with running(driver, emit):
+            await emit.wait_polls(3)
+            nulls_before_value = driver.counters.null_values["depth"]
+            await device.write("holding", 30, [1234])
+            await emit.wait_for(lambda polls: "depth" in {r.channel for r in polls[-1][1]})
+
+    depth = [r for r in emit.readings() if r.channel == "depth"]
+    assert nulls_before_value >= 3
+    assert [(r.value, r.quality) for r in depth[:1]] == [(1234.0, Quality.GOOD)]
+    assert len([r for r in emit.readings() if r.channel == "spm"]) >= 4
+    null_logs = [e for e in logs if e["event"] == "modbus_null_value"]
+    assert {e["log_level"] for e in null_logs} == {"debug"}
+    assert null_logs[0]["channel"] == "depth"
+
+
 async def test_schedule_does_not_drift(device: Device) -> None:
     """20 polls at 100 ms take 2 s even when each poll's work takes 30 ms."""
     points = [{"channel": "spm", "address": 3, "type": "uint16"}]
-    driver = ModbusTcpDriver(make_source(device.port, points))
+    driver = ModbusDriver(make_source(device.port, points))
     emit = Collector(delay=0.03)
 
     async with running(driver, emit):
@@ -415,7 +405,7 @@ async def test_overrun_skips_ticks(device: Device) -> None:
     """A poll longer than the interval skips the missed ticks and warns once."""
     points = [{"channel": "spm", "address": 3, "type": "uint16"}]
     with capture_logs() as logs:
-        driver = ModbusTcpDriver(make_source(device.port, points))
+        driver = ModbusDriver(make_source(device.port, points))
         emit = Collector(delay=0.25)
         async with running(driver, emit):
             await emit.wait_polls(4)
@@ -431,7 +421,7 @@ async def test_overrun_skips_ticks(device: Device) -> None:
 async def test_cancel_closes_connection(device: Device) -> None:
     """Cancelling run() closes the TCP connection to the device."""
     points = [{"channel": "spm", "address": 3, "type": "uint16"}]
-    driver = ModbusTcpDriver(make_source(device.port, points))
+    driver = ModbusDriver(make_source(device.port, points))
     emit = Collector()
 
     async with running(driver, emit):
@@ -460,7 +450,7 @@ async def test_cancel_swallowed_by_library(device: Device, monkeypatch: pytest.M
     monkeypatch.setattr(AsyncModbusTcpClient, "connect", swallowing_connect)
     await device.stop()
     points = [{"channel": "spm", "address": 3, "type": "uint16"}]
-    driver = ModbusTcpDriver(make_source(device.port, points, timeout="5s"))
+    driver = ModbusDriver(make_source(device.port, points, timeout="5s"))
     task = asyncio.create_task(driver.run(Collector()))
     async with asyncio.timeout(2):
         await in_connect.wait()
@@ -474,6 +464,136 @@ async def test_cancel_swallowed_by_library(device: Device, monkeypatch: pytest.M
 
     assert swallowed
     assert stopped
+
+
+def run_of_points(
+    unit_id: int, table: str, type_name: str, addresses: range, **extra: Any
+) -> list[dict[str, Any]]:
+    """One point of the type at each address, named after unit, table and address."""
+    return [
+        {
+            "channel": f"u{unit_id}_{table}_{address}",
+            "table": table,
+            "address": address,
+            "type": type_name,
+            **extra,
+        }
+        for address in addresses
+    ]
+
+
+# Three units of 100 points each, with gaps. The comments give the fewest
+# reads that can cover each table under the source's limits.
+GAPPED_SOURCES: dict[int, dict[str, Any]] = {
+    1: {
+        "points": [
+            # 0..59 and 100..139: the gap of 40 is not read (max_gap 0), so 2 reads.
+            *run_of_points(1, "holding", "uint16", range(0, 60)),
+            *run_of_points(1, "holding", "float32", range(100, 140, 2), order="CDAB"),
+            # 0..9 and 15..24: a gap of 5, so 2 reads.
+            *run_of_points(1, "input", "int16", range(0, 10)),
+            *run_of_points(1, "input", "int16", range(15, 25)),
+        ],
+    },
+    2: {
+        "max_gap": 5,
+        "points": [
+            # 0..99 and 103..127 may merge across the gap of 3, but 128
+            # registers exceed the 125 one read returns, so 2 reads.
+            *run_of_points(2, "holding", "uint32", range(0, 100, 2)),
+            *run_of_points(2, "holding", "int16", range(103, 128)),
+            # 25 coils: 1 read.
+            *run_of_points(2, "coil", "bool", range(0, 25)),
+        ],
+    },
+    3: {
+        "max_gap": 1,
+        "max_request_registers": 20,
+        "points": [
+            # Every other register of 0..98: a read of 20 registers covers at most 10 of
+            # these points, so 5 reads.
+            *run_of_points(3, "holding", "int16", range(0, 100, 2), scale=0.5),
+            # 40 float32 in 0..79: 80 registers in reads of 20, so 4 reads.
+            *run_of_points(3, "input", "float32", range(0, 80, 2)),
+            # 10 discrete inputs: 1 read.
+            *run_of_points(3, "discrete", "bool", range(0, 10)),
+        ],
+    },
+}
+FEWEST_READS = {
+    (1, 3): 2,
+    (1, 4): 2,
+    (2, 3): 2,
+    (2, 1): 1,
+    (3, 3): 5,
+    (3, 4): 4,
+    (3, 2): 1,
+}
+"""Reads of one poll by (unit id, function code): 1 coil, 2 discrete, 3 holding, 4 input."""
+
+
+def gapped_value(point: ModbusPoint, index: int) -> float:
+    """A raw value for the point that fits its type and differs from its neighbours'."""
+    if point.type == "bool":
+        return float(index % 3 == 0)
+    if point.type == "int16":
+        return -(index + 1) * 7
+    if point.type == "float32":
+        return index * 1.25 - 40
+    return 1000 * index + 17
+
+
+async def load_gapped(peer: ModbusPeer, sources: list[ModbusSource]) -> dict[str, float]:
+    """Write every point's raw value to the server; return the expected reading per channel."""
+    expected: dict[str, float] = {}
+    for source in sources:
+        for index, point in enumerate(source.points):
+            raw = gapped_value(point, index)
+            if point.is_bits:
+                await peer.write(source.unit_id, point.table, point.address, [bool(raw)])
+            else:
+                words = encode_value(raw, point.type, point.word_order, point.byte_order)
+                await peer.write(source.unit_id, point.table, point.address, words)
+            expected[point.channel] = apply_scale(raw, point.scale, point.offset)
+    return expected
+
+
+async def test_gapped_points_fewest_reads() -> None:
+    """300 points over 3 units with gaps take the fewest reads per poll, and all values match."""
+    peer = ModbusPeer([sim_device(unit_id) for unit_id in GAPPED_SOURCES], tcp_port=free_port())
+    await peer.start()
+    sources = [
+        make_source(
+            peer.tcp_port,
+            keys["points"],
+            name=f"unit{unit_id}",
+            unit_id=unit_id,
+            poll_interval="10s",
+            **{key: value for key, value in keys.items() if key != "points"},
+        )
+        for unit_id, keys in GAPPED_SOURCES.items()
+    ]
+    try:
+        expected = await load_gapped(peer, sources)
+        buses = BusRegistry()
+        drivers = [ModbusDriver(source, buses.bus_for(source.endpoint)) for source in sources]
+        collectors = [Collector() for _ in drivers]
+        async with AsyncExitStack() as stack:
+            for driver, emit in zip(drivers, collectors, strict=True):
+                await stack.enter_async_context(running(driver, emit))
+            for emit in collectors:
+                await emit.wait_polls(1)
+            reads = dict(peer.requests)
+    finally:
+        await peer.stop()
+
+    assert len(expected) == 300
+    assert reads == FEWEST_READS
+    assert sum(len(driver.requests) for driver in drivers) == sum(FEWEST_READS.values())
+    values = {r.channel: r.value for emit in collectors for r in emit.polls[0][1]}
+    assert values == expected
+    qualities = {r.quality for emit in collectors for r in emit.polls[0][1]}
+    assert qualities == {Quality.GOOD}
 
 
 def _points(*spans: tuple[str, int, str]) -> list[ModbusPoint]:
