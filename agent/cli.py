@@ -24,6 +24,11 @@ _MODBUS_URL_HELP = (
     '"rtu:///dev/ttyUSB0?baudrate=19200&parity=E&stopbits=1&bytesize=8"'
 )
 
+_WITS0_URL_HELP = (
+    'link URL: "tcp://HOST:PORT" (connect to the device), "tcp-listen://0.0.0.0:PORT" '
+    '(wait for the device to connect) or "serial:///dev/ttyS0?baudrate=9600&parity=N"'
+)
+
 
 class _ArgumentParser(argparse.ArgumentParser):
     """Argument parser whose exit code on a usage error is chosen per command.
@@ -44,7 +49,7 @@ class _ArgumentParser(argparse.ArgumentParser):
 def _build_parser() -> _ArgumentParser:
     parser = _ArgumentParser(
         prog="rig-agent",
-        description="Edge gateway for drilling rigs: Modbus in, SQLite buffer, MQTT out.",
+        description="Edge gateway for drilling rigs: Modbus and WITS0 in, SQLite buffer, MQTT out.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -77,6 +82,7 @@ def _build_parser() -> _ArgumentParser:
         help="keep the demo buffer and log here (default: a temporary directory)",
     )
     _add_modbus_commands(commands)
+    _add_wits0_commands(commands)
     return parser
 
 
@@ -158,6 +164,58 @@ def _add_modbus_commands(commands: argparse._SubParsersAction[_ArgumentParser]) 
     )
 
 
+def _add_wits0_commands(commands: argparse._SubParsersAction[_ArgumentParser]) -> None:
+    wits0 = commands.add_parser(
+        "wits0",
+        help="commissioning tools: print WITS level 0 packets live",
+        usage_exit_code=EXIT_CONFIG,
+    )
+    actions = wits0.add_subparsers(dest="wits0_command", metavar="ACTION")
+
+    listen = actions.add_parser(
+        "listen",
+        help="print each packet as it arrives: code, standard mnemonic and value",
+        description="Open a WITS level 0 link and print each packet as it arrives, one line "
+        "per item with the standard record 01 mnemonic, until Ctrl-C or --duration; then "
+        "print the counters. Exit 1 on invalid arguments, 2 when the link cannot be opened.",
+        usage_exit_code=EXIT_CONFIG,
+    )
+    listen.add_argument("url", help=_WITS0_URL_HELP)
+    listen.add_argument(
+        "--raw",
+        action="store_true",
+        help="print the bytes as they arrive instead of decoded packets "
+        "(\\r \\n escaped, hex when most bytes are not text)",
+    )
+    listen.add_argument(
+        "--timezone",
+        default=None,
+        help="IANA time zone of the device clock, such as America/Chicago: show the time "
+        "of packets that carry date (xx05) and time (xx06) items, converted to UTC",
+    )
+    listen.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        help="stop after this many seconds (default: run until Ctrl-C)",
+    )
+    listen.add_argument(
+        "--transmit",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="PACKET",
+        help="send a packet periodically on the same link, for an EDR that sends only after "
+        "it receives one; PACKET is its data lines separated by ';' "
+        '(default: the keep-alive "0111-9999")',
+    )
+    listen.add_argument(
+        "--transmit-interval",
+        default="30s",
+        help='time between transmitted packets (default: "30s")',
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one `rig-agent` command and return its exit code."""
     parser = _build_parser()
@@ -165,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unrecognized:
         # argparse reports unknown options from the top-level parser, so give it the
         # usage exit code of the command they were written after.
-        if args.command == "modbus":
+        if args.command in ("modbus", "wits0"):
             parser.usage_exit_code = EXIT_CONFIG
         parser.error(f"unrecognized arguments: {' '.join(unrecognized)}")
     if args.command == "check-config":
@@ -182,6 +240,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_demo(duration=args.duration, data_dir=args.data_dir)
     if args.command == "modbus":
         return _modbus(args)
+    if args.command == "wits0":
+        return _wits0(args)
     return EXIT_CONFIG
 
 
@@ -211,6 +271,22 @@ def _modbus(args: argparse.Namespace) -> int:
         "rig-agent modbus: name an action: read or scan (see rig-agent modbus --help)",
         file=sys.stderr,
     )
+    return EXIT_CONFIG
+
+
+def _wits0(args: argparse.Namespace) -> int:
+    if args.wits0_command == "listen":
+        from agent.wits0_tools import run_listen
+
+        return run_listen(
+            args.url,
+            raw=args.raw,
+            timezone=args.timezone,
+            duration=args.duration,
+            transmit=args.transmit,
+            transmit_interval=args.transmit_interval,
+        )
+    print("rig-agent wits0: name an action: listen (see rig-agent wits0 --help)", file=sys.stderr)
     return EXIT_CONFIG
 
 

@@ -1,4 +1,4 @@
-"""`rig-agent demo`: the whole pipeline on this machine against the built-in rig simulator."""
+"""`rig-agent demo`: the whole pipeline on this machine against the built-in rig simulators."""
 
 from __future__ import annotations
 
@@ -23,11 +23,14 @@ from agent.runtime import Agent
 from agent.status import format_stats
 from config.model import Config
 from drivers.simulator import RigSimulator, simulator_points
+from drivers.wits0_simulator import Wits0Simulator
 
 __all__ = ["run_demo"]
 
 DEMO_RIG_ID = "demo-rig"
 DEMO_POLL_INTERVAL = "500ms"
+DEMO_WITS0_INTERVAL = 1.0
+"""Seconds between packets of the simulated EDR."""
 
 
 def run_demo(*, duration: float | None, data_dir: Path | None) -> int:
@@ -56,9 +59,8 @@ class _Counters:
 async def _demo(
     duration: float | None, data_dir: Path, broker: _DemoBroker, log_path: Path, *, keep_log: bool
 ) -> int:
-    simulator = RigSimulator()
-    await simulator.start(host="127.0.0.1", port=0)
-    config = _demo_config(data_dir, simulator.port, broker.port)
+    simulator, edr = await _start_simulators()
+    config = _demo_config(data_dir, simulator.port, edr.port, broker.port)
     agent = Agent(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -74,7 +76,7 @@ async def _demo(
             subscriber = group.create_task(_subscribe(broker.port, config.topic_prefix(), counters))
             while not stop.is_set():
                 elapsed = time.monotonic() - started
-                await _render(out, agent, broker, simulator.port, counters, elapsed, duration)
+                await _render(out, agent, broker, simulator.port, edr, counters, elapsed, duration)
                 if duration is not None and elapsed >= duration:
                     stop.set()
                     break
@@ -83,6 +85,7 @@ async def _demo(
             await agent_task
             subscriber.cancel()
     finally:
+        await edr.stop()
         await simulator.stop()
 
     published = sum(s.published for s in agent.sinks)
@@ -97,7 +100,20 @@ async def _demo(
     return 0
 
 
-def _demo_config(data_dir: Path, modbus_port: int, mqtt_port: int) -> Config:
+async def _start_simulators() -> tuple[RigSimulator, Wits0Simulator]:
+    """Start the Modbus rig simulator and the simulated EDR on free loopback ports."""
+    simulator = RigSimulator()
+    await simulator.start(host="127.0.0.1", port=0)
+    edr = Wits0Simulator(interval=DEMO_WITS0_INTERVAL, model=simulator.model)
+    try:
+        await edr.start(host="127.0.0.1", port=0)
+    except OSError:
+        await simulator.stop()
+        raise
+    return simulator, edr
+
+
+def _demo_config(data_dir: Path, modbus_port: int, wits0_port: int, mqtt_port: int) -> Config:
     return Config.model_validate(
         {
             "agent": {"rig_id": DEMO_RIG_ID, "data_dir": str(data_dir), "metrics_listen": ""},
@@ -112,7 +128,14 @@ def _demo_config(data_dir: Path, modbus_port: int, mqtt_port: int) -> Config:
                         "timeout": "500ms",
                         "points": simulator_points(),
                     }
-                ]
+                ],
+                "wits0": [
+                    {
+                        "name": "edr-sim",
+                        "url": f"tcp://127.0.0.1:{wits0_port}",
+                        "items": "standard-01",
+                    }
+                ],
             },
             "mqtt": {"url": f"mqtt://127.0.0.1:{mqtt_port}"},
         }
@@ -141,6 +164,7 @@ async def _render(
     agent: Agent,
     broker: _DemoBroker,
     modbus_port: int,
+    edr: Wits0Simulator,
     counters: _Counters,
     elapsed: float,
     duration: float | None,
@@ -164,6 +188,8 @@ async def _render(
     screen = [
         f"rig-agent demo: {elapsed:.0f} s ({left})",
         f"Modbus: rig simulator on 127.0.0.1:{modbus_port}, polled every {DEMO_POLL_INTERVAL}",
+        f"WITS0: simulated EDR on 127.0.0.1:{edr.port}, one packet every "
+        f"{DEMO_WITS0_INTERVAL:g} s, {edr.packets_sent} sent",
         mqtt_line,
         f"buffered {agent.writer.committed}, published {sink.published}, "
         f"received by a subscriber {counters.received}",
@@ -173,7 +199,7 @@ async def _render(
     if out.isatty():
         out.write("\x1b[H\x1b[2J")
     else:
-        screen = screen[:4]
+        screen = screen[:5]
     out.write("\n".join(screen) + "\n")
     out.flush()
 

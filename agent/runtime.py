@@ -17,6 +17,7 @@ from config.model import Config
 from drivers.base import Driver
 from drivers.modbus import ModbusDriver
 from drivers.modbus_bus import BusRegistry
+from drivers.wits0 import Wits0Driver
 from uplink.mqtt import MqttSink
 
 __all__ = ["SHUTDOWN_BUDGET", "Agent"]
@@ -38,6 +39,7 @@ class Agent:
         self.drivers: list[Driver] = [
             ModbusDriver(s, buses.bus_for(s.endpoint)) for s in config.sources.modbus
         ]
+        self.drivers.extend(Wits0Driver(s) for s in config.sources.wits0)
         self.sinks: list[MqttSink] = []
         if config.mqtt is not None:
             self.sinks.append(

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails
 
-from config.model import NAME_PATTERN, Config, ModbusSource
+from config.model import NAME_PATTERN, Config, ModbusSource, Wits0Source
 from config.toml_lines import TomlLines, TomlPath
 from config.units import format_duration, format_size
 from drivers.modbus_plan import describe_plan, plan_for_source
@@ -326,10 +326,12 @@ def _type_message(kind: str, path: TomlPath, value: object) -> str:
         return f"{message}; write [[{_header(path)}]] instead of [{_header(path)}]"
     if kind.startswith("model") and _is_table_list(value):
         return f"{message}; write [{_header(path)}] instead of [[{_header(path)}]]"
+    # An array element has no key of its own, so its fix shows the value alone.
+    assignment = f"{key} = " if isinstance(key, str) else ""
     if kind in ("string_type", "path_type") and _is_scalar(value):
-        return f'{message}; put the value in quotes: {key} = "{_plain(value)}"'
+        return f'{message}; put the value in quotes: {assignment}"{_plain(value)}"'
     if isinstance(value, str) and _unquoted(value, kind) is not None:
-        return f"{message}; write it without quotes: {key} = {_unquoted(value, kind)}"
+        return f"{message}; write it without quotes: {assignment}{_unquoted(value, kind)}"
     return message
 
 
@@ -430,15 +432,24 @@ _MESSAGES: Final[dict[str, _ErrorMessage]] = {
 def _model_at(path: TomlPath) -> type[BaseModel] | None:
     """Return the model class that validates the table at `path`."""
     model: type[BaseModel] = Config
+    at_mapping_key = False
     for part in path:
         if isinstance(part, int):
             continue
+        if at_mapping_key:
+            # `part` is a key chosen in the file, such as a WITS code in `items`.
+            at_mapping_key = False
+            continue
         field = model.model_fields.get(part)
-        inner = _inner_model(field.annotation if field is not None else None)
+        annotation = field.annotation if field is not None else None
+        inner = _inner_model(annotation)
+        if inner is None:
+            inner = _mapping_model(annotation)
+            at_mapping_key = inner is not None
         if inner is None:
             return None
         model = inner
-    return model
+    return None if at_mapping_key else model
 
 
 def _field_at(path: TomlPath) -> FieldInfo | None:
@@ -458,6 +469,19 @@ def _inner_model(annotation: Any) -> type[BaseModel] | None:
         return None
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
+    return None
+
+
+def _mapping_model(annotation: Any) -> type[BaseModel] | None:
+    """Return the model of the values of `dict[str, Model]`, also inside a union."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        for argument in get_args(annotation):
+            inner = _mapping_model(argument)
+            if inner is not None:
+                return inner
+        return None
+    if get_origin(annotation) is dict:
+        return _inner_model(get_args(annotation)[1])
     return None
 
 
@@ -613,8 +637,11 @@ def summarize(config: Config) -> str:
     ]
     for source in config.sources.modbus:
         rows.extend(_source_rows(source))
-    if not config.sources.modbus:
-        rows.append(("sources", "none; add a [[sources.modbus]] table to read a device"))
+    for wits0 in config.sources.wits0:
+        rows.extend(_wits0_rows(wits0))
+    if not config.sources.modbus and not config.sources.wits0:
+        advice = "none; add a [[sources.modbus]] or [[sources.wits0]] table to read a device"
+        rows.append(("sources", advice))
     if config.mqtt is not None:
         rows.append(
             (
@@ -649,4 +676,30 @@ def _source_rows(source: ModbusSource) -> list[tuple[str, str]]:
     for point in source.points:
         if point.address_note:
             rows.append((f"point {source.name}/{point.channel}", point.address_note))
+    return rows
+
+
+def _wits0_rows(source: Wits0Source) -> list[tuple[str, str]]:
+    """Describe one WITS0 source: its link, code mapping, null values, time stamps and transmit."""
+    if isinstance(source.items, str):
+        mapping = f"items {source.items} in {source.units} units"
+    else:
+        count = len(source.items)
+        mapping = f"{count} mapped code{'s' if count != 1 else ''}"
+    unmapped = "other codes as wits_<code>" if source.unmapped == "keep" else "other codes dropped"
+    nulls = ", ".join(repr(value).removesuffix(".0") for value in source.null_values) or "none"
+    clock = f"device time in {source.timezone}" if source.use_device_time else "receive time"
+    settings = [
+        f"wits0 {source.link.describe()}",
+        mapping,
+        unmapped,
+        f"null values {nulls}",
+        clock,
+        f"silence timeout {format_duration(source.silence_timeout)}",
+    ]
+    rows = [(f"source {source.name}", ", ".join(settings))]
+    if source.transmit:
+        lines = " ".join(code + text for code, text in source.transmit_items)
+        every = format_duration(source.transmit_interval)
+        rows.append((f"transmit {source.name}", f"{lines} every {every}"))
     return rows

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
 import struct
 from contextvars import ContextVar
+from datetime import UTC, tzinfo
 from difflib import get_close_matches
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 from pydantic import (
     BaseModel,
@@ -17,6 +20,8 @@ from pydantic import (
     PrivateAttr,
     StrictFloat,
     StrictInt,
+    TypeAdapter,
+    ValidatorFunctionWrapHandler,
     field_validator,
     model_validator,
 )
@@ -40,6 +45,9 @@ from drivers.modbus_types import (
     order_name,
     parse_modicon,
 )
+from drivers.wits0_items import STANDARD_01
+from drivers.wits0_link import Wits0Link, parse_wits0_url
+from drivers.wits0_parser import encode_packet, parse_data_line
 
 __all__ = [
     "NAME_PATTERN",
@@ -50,6 +58,8 @@ __all__ = [
     "ModbusSource",
     "MqttSection",
     "Sources",
+    "Wits0ItemMap",
+    "Wits0Source",
 ]
 
 NAME_PATTERN = r"^[A-Za-z0-9_.-]+$"
@@ -472,10 +482,246 @@ class ModbusSource(_Section):
         return self.endpoint.port
 
 
+STANDARD_ITEMS: Literal["standard-01"] = "standard-01"
+"""Value of `items` that maps codes by the built-in table of WITS record 01 items."""
+
+_WITS0_CODE = re.compile(r"[0-9]{4}")
+_UNMAPPED_CHANNEL = re.compile(r"wits_([0-9]{4})")
+
+Wits0Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+
+
+class Wits0ItemMap(_Section):
+    """One entry of `[sources.wits0.items]`: the channel and unit that a WITS code feeds."""
+
+    channel: str = Field(pattern=NAME_PATTERN, min_length=1, max_length=64)
+    unit: str = ""
+
+
+_ITEM_TABLE: TypeAdapter[dict[str, Wits0ItemMap]] = TypeAdapter(dict[str, Wits0ItemMap])
+
+# Channel and unit of each standard record 01 item: the mnemonic, in either unit set.
+_STANDARD_MAPS: dict[str, dict[str, Wits0ItemMap]] = {
+    units: {
+        code: Wits0ItemMap(
+            channel=item.mnemonic, unit=item.metric_unit if units == "metric" else item.fps_unit
+        )
+        for code, item in STANDARD_01.items()
+    }
+    for units in ("metric", "fps")
+}
+
+
+class Wits0Source(_Section):
+    """One `[[sources.wits0]]` link: a serial port or TCP socket carrying WITS level 0 packets."""
+
+    name: str = Field(pattern=NAME_PATTERN, min_length=1, max_length=64)
+    url: str
+    items: dict[str, Wits0ItemMap] | Literal["standard-01"] = STANDARD_ITEMS
+    units: Literal["metric", "fps"] = "metric"
+    """Unit column of the standard table, used when items = "standard-01"."""
+    unmapped: Literal["keep", "drop"] = "keep"
+    """Handling of a code with no mapping: keep it as channel `wits_<code>`, or drop it."""
+    null_values: list[Wits0Number] = [-9999.0, -8888.0, -999.25]
+    use_device_time: bool = Field(default=False, strict=True)
+    timezone: str = "UTC"
+    """IANA time zone of the device clock, used with use_device_time."""
+    silence_timeout: Duration = 60.0
+    transmit: bool = Field(default=False, strict=True)
+    transmit_packet: str = "0111-9999"
+    """Data lines of the packet to transmit, one per line, without the && and !! lines."""
+    transmit_interval: Duration = 30.0
+
+    @field_validator("url")
+    @classmethod
+    def _wits0_url(cls, value: str) -> str:
+        parse_wits0_url(value)
+        return value
+
+    @field_validator("items", mode="wrap")
+    @classmethod
+    def _item_table(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        """Validate a table of codes, or the name of the built-in table, as one error per mistake.
+
+        Pydantic reports a failed union once per member, with the member's
+        type in the error location. Checking each form here instead gives one
+        error at the key that is wrong.
+        """
+        if isinstance(value, str):
+            return _standard_table_name(value)
+        if not isinstance(value, dict):
+            got = "an array of tables" if isinstance(value, list) else type(value).__name__
+            msg = (
+                f'expected "{STANDARD_ITEMS}" or a [sources.wits0.items] table of codes, got {got}'
+            )
+            raise ValueError(msg)  # noqa: TRY004 - pydantic reports ValueError as a field error
+        for code in value:
+            if not _WITS0_CODE.fullmatch(code):
+                raise _error_at(_code_message(code), code)
+        return _ITEM_TABLE.validate_python(value)
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, value: str) -> str:
+        _zone(value)
+        return value
+
+    @field_validator("transmit_packet")
+    @classmethod
+    def _valid_transmit_packet(cls, value: str) -> str:
+        _transmit_items(value)
+        return value
+
+    @model_validator(mode="after")
+    def _unique_channels(self) -> Wits0Source:
+        if isinstance(self.items, str):
+            return self
+        first_code: dict[str, str] = {}
+        for code, entry in self.items.items():
+            first = first_code.setdefault(entry.channel, code)
+            if first != code:
+                msg = (
+                    f"channel {entry.channel!r} is used twice in source {self.name!r} "
+                    f"(codes {first} and {code}): give each code its own channel name"
+                )
+                raise _error_at(msg, "items", code, "channel")
+            self._check_unmapped_name(code, entry.channel)
+        return self
+
+    def _check_unmapped_name(self, code: str, channel: str) -> None:
+        """Reject a channel named like the channel that another, unmapped code gets."""
+        match = _UNMAPPED_CHANNEL.fullmatch(channel)
+        if match is None or self.unmapped == "drop" or isinstance(self.items, str):
+            return
+        other = match.group(1)
+        if other == code or other in self.items:
+            return
+        msg = (
+            f"channel {channel!r} of code {code} is also the channel of code {other} while "
+            f'{other} is unmapped (unmapped = "keep"), so both codes would feed one channel: '
+            f"choose another channel name, or map {other} as well"
+        )
+        raise _error_at(msg, "items", code, "channel")
+
+    @model_validator(mode="after")
+    def _transmit_within_silence(self) -> Wits0Source:
+        if self.transmit and self.transmit_interval >= self.silence_timeout:
+            msg = (
+                f"transmit_interval {format_duration(self.transmit_interval)} is not shorter "
+                f"than silence_timeout {format_duration(self.silence_timeout)}: a device that "
+                "sends only after it receives a packet would stay silent long enough to trip "
+                "the watchdog; expected a transmit_interval below silence_timeout"
+            )
+            raise _error_at(msg, "transmit_interval")
+        return self
+
+    @property
+    def link(self) -> Wits0Link:
+        """Where the packets arrive: serial port and settings, or TCP host and port."""
+        return parse_wits0_url(self.url)
+
+    @property
+    def tzinfo(self) -> tzinfo:
+        """The time zone of the device clock."""
+        return _zone(self.timezone)
+
+    @property
+    def transmit_items(self) -> tuple[tuple[str, str], ...]:
+        """The (code, value text) pairs of transmit_packet."""
+        return tuple(_transmit_items(self.transmit_packet))
+
+    @property
+    def transmit_bytes(self) -> bytes:
+        """The packet to transmit as sent on the link, with && and !! lines and CR LF ends."""
+        return encode_packet(self.transmit_items)
+
+    def map_code(self, code: str) -> Wits0ItemMap | None:
+        """Return the channel and unit that a code feeds, or None when the code is dropped.
+
+        A code missing from `items` (or from the standard table) becomes channel
+        `wits_<code>` with no unit, unless unmapped = "drop".
+        """
+        if isinstance(self.items, str):
+            mapped = _STANDARD_MAPS[self.units].get(code)
+        else:
+            mapped = self.items.get(code)
+        if mapped is not None or self.unmapped == "drop":
+            return mapped
+        return Wits0ItemMap(channel=f"wits_{code}")
+
+
+def _standard_table_name(value: str) -> str:
+    if value == STANDARD_ITEMS:
+        return value
+    hint = _suggestion(value, [STANDARD_ITEMS])
+    msg = (
+        f'unknown item table {value!r}: expected "{STANDARD_ITEMS}" (the built-in table of '
+        "record 01 items), or a [sources.wits0.items] table that maps each code to a "
+        f"channel{hint}"
+    )
+    raise ValueError(msg)
+
+
+def _code_message(code: str) -> str:
+    example = code.zfill(4) if code.isdigit() and len(code) < 4 else "0108"
+    return (
+        f"invalid WITS code {code!r}: expected 4 digits, the record number and the item "
+        f'number, such as "{example}"; write the code in quotes to keep its leading zero'
+    )
+
+
+def _zone(name: str) -> tzinfo:
+    """Return the time zone of an IANA name; raise ValueError naming it and the closest match."""
+    # UTC needs no time zone database, which a minimal system may lack.
+    if name == "UTC":
+        return UTC
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        pass
+    names = {zone.lower(): zone for zone in available_timezones()}
+    close = get_close_matches(name.lower(), list(names), n=1)
+    hint = f"; did you mean {names[close[0]]!r}?" if close else ""
+    msg = (
+        f"unknown time zone {name!r}: expected an IANA time zone name such as "
+        f'"UTC", "America/Chicago" or "Asia/Dubai"{hint}'
+    )
+    raise ValueError(msg)
+
+
+def _transmit_items(text: str) -> list[tuple[str, str]]:
+    """Split transmit_packet into (code, value text) pairs; raise ValueError for an invalid line."""
+    items: list[tuple[str, str]] = []
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line:
+            continue
+        if line in ("&&", "!!"):
+            msg = (
+                f"line {number} of transmit_packet is {line}: write only the data lines, "
+                "because the agent adds the && and !! lines itself"
+            )
+            raise ValueError(msg)
+        item = parse_data_line(line.encode("ascii")) if line.isascii() else None
+        if item is None:
+            msg = (
+                f"line {number} of transmit_packet, {line!r}, is not a WITS data line: "
+                'expected 4 digits and a number, such as "0111-9999", because the '
+                "device ignores a packet that contains an invalid line"
+            )
+            raise ValueError(msg)
+        items.append((item.code, item.text))
+    if not items:
+        msg = 'transmit_packet has no data line: expected at least one, such as "0111-9999"'
+        raise ValueError(msg)
+    return items
+
+
 class Sources(_Section):
     """The `[sources]` table: every configured source, by protocol."""
 
     modbus: list[ModbusSource] = []
+    wits0: list[Wits0Source] = []
 
 
 class MqttSection(_Section):
@@ -550,16 +796,45 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _unique_source_names(self) -> Config:
-        first_index: dict[str, int] = {}
-        for index, source in enumerate(self.sources.modbus):
-            first = first_index.setdefault(source.name, index)
-            if first != index:
+        first_place: dict[str, str] = {}
+        for protocol, index, source in self._all_sources():
+            place = f"sources.{protocol}[{index}]"
+            first = first_place.setdefault(source.name, place)
+            if first != place:
                 msg = (
-                    f"source name {source.name!r} is used twice (sources.modbus[{first}] and "
-                    f"sources.modbus[{index}]): give each source its own name"
+                    f"source name {source.name!r} is used twice ({first} and {place}): "
+                    "give each source its own name"
                 )
-                raise _error_at(msg, "sources", "modbus", index, "name")
+                raise _error_at(msg, "sources", protocol, index, "name")
         return self
+
+    @model_validator(mode="after")
+    def _wits0_ports_unshared(self) -> Config:
+        """Reject two sources that would open one serial port or listen on one TCP port."""
+        owners: dict[str, str] = {}
+        for source in self.sources.modbus:
+            if source.endpoint.is_serial:
+                owners.setdefault(f"serial port {source.endpoint.path}", source.name)
+        for index, wits0 in enumerate(self.sources.wits0):
+            link = wits0.link
+            if link.kind == "tcp":
+                continue
+            key = f"serial port {link.path}" if link.is_serial else f"TCP port {link.port}"
+            owner = owners.setdefault(key, wits0.name)
+            if owner != wits0.name:
+                msg = (
+                    f"sources {owner!r} and {wits0.name!r} both open {key}, which only one "
+                    "source can hold: give each WITS0 source its own port"
+                )
+                raise _error_at(msg, "sources", "wits0", index, "url")
+        return self
+
+    def _all_sources(self) -> list[tuple[str, int, ModbusSource | Wits0Source]]:
+        """Return (protocol, index, source) for every source, in the order of the file's tables."""
+        listed: list[tuple[str, int, ModbusSource | Wits0Source]] = []
+        listed.extend(("modbus", index, source) for index, source in enumerate(self.sources.modbus))
+        listed.extend(("wits0", index, source) for index, source in enumerate(self.sources.wits0))
+        return listed
 
     @model_validator(mode="after")
     def _shared_buses_agree(self) -> Config:

@@ -17,15 +17,14 @@ from buffer.reading import Quality, Reading, now_us
 from config.model import ModbusPoint, ModbusSource
 from drivers.base import Emit
 from drivers.modbus_bus import (
-    Backoff,
     DeviceException,
     DeviceTimeout,
     InvalidResponse,
     LinkDown,
     ModbusBus,
-    Outage,
 )
 from drivers.modbus_plan import ReadRequest, decode_request, describe_plan, plan_for_source
+from drivers.retry import Backoff, Outage
 
 __all__ = [
     "DEVICE_BACKOFF_MAX",

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import random
 import termios
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
@@ -20,13 +18,13 @@ from structlog.typing import FilteringBoundLogger
 
 from config.units import format_duration
 from drivers.modbus_transport import Endpoint, ModbusClient, make_client
+from drivers.retry import Backoff, Outage, cancelling, raise_if_cancelled
 
 __all__ = [
     "BIT_TABLES",
     "MAX_SILENT_REQUESTS",
     "RECONNECT_DELAY_MAX",
     "RECONNECT_DELAY_MIN",
-    "Backoff",
     "BusRegistry",
     "DeviceException",
     "DeviceTimeout",
@@ -34,8 +32,6 @@ __all__ = [
     "LinkDown",
     "ModbusBus",
     "ModbusError",
-    "Outage",
-    "raise_if_cancelled",
 ]
 
 log = structlog.get_logger(__name__)
@@ -121,57 +117,6 @@ class DeviceException(ModbusError):
 
 class InvalidResponse(ModbusError):
     """Raised when a response does not fit its request (wrong unit id, transaction or length)."""
-
-
-@dataclass
-class Outage:
-    """Failure state of one connection, device or request, for rate-limited logging."""
-
-    failures: int = 0
-    since: float = 0.0
-
-    @property
-    def active(self) -> bool:
-        """Whether the last attempt failed."""
-        return self.failures > 0
-
-    def fail(self, logger: FilteringBoundLogger, event: str, **fields: object) -> None:
-        """Log the first failure at WARNING and repeats at DEBUG with a count."""
-        self.failures += 1
-        if self.failures == 1:
-            self.since = time.monotonic()
-            logger.warning(event, **fields)
-        else:
-            logger.debug(event, failures=self.failures, **fields)
-
-    def recover(self, logger: FilteringBoundLogger, event: str, **fields: object) -> bool:
-        """Log the end of an outage at INFO with its length, and return True if there was one."""
-        if self.failures == 0:
-            return False
-        outage_s = round(time.monotonic() - self.since, 3)
-        logger.info(event, outage_s=outage_s, failures=self.failures, **fields)
-        self.failures = 0
-        return True
-
-
-@dataclass
-class Backoff:
-    """Jittered exponential wait between retries, in seconds."""
-
-    minimum: float
-    maximum: float
-    attempts: int = 0
-    _random: random.Random = field(default_factory=random.Random)
-
-    def next_delay(self) -> float:
-        """Return the wait before the next retry: up to double the previous ceiling."""
-        ceiling = min(self.maximum, self.minimum * 2**self.attempts)
-        self.attempts += 1
-        # Jitter spreads the retries of many gateways after a shared outage.
-        return self._random.uniform(self.minimum, max(self.minimum, ceiling))
-
-    def reset(self) -> None:
-        self.attempts = 0
 
 
 class ModbusBus:
@@ -406,7 +351,7 @@ class ModbusBus:
         except asyncio.CancelledError:
             client.close()
             raise
-        if not connected or _cancelling():
+        if not connected or cancelling():
             client.close()
         raise_if_cancelled()
         if connected:
@@ -477,20 +422,3 @@ def _describe_request(request: ModbusPDU) -> str:
     if table is None:
         return f"request with function code {request.function_code}"
     return f"read of {table} {request.address}..{request.address + request.count - 1}"
-
-
-def raise_if_cancelled() -> None:
-    """Raise CancelledError if this task was cancelled but a library call swallowed it.
-
-    On Python 3.11, `asyncio.wait_for`, which pymodbus uses for connects and
-    responses, returns the inner result and drops the CancelledError when the
-    cancel arrives just as that result completes. Without this check, a
-    driver would keep polling and never stop.
-    """
-    if _cancelling():
-        raise asyncio.CancelledError
-
-
-def _cancelling() -> bool:
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0

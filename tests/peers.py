@@ -27,6 +27,7 @@ from pymodbus.simulator import DataType, SimData, SimDevice
 
 from buffer.reading import Reading
 from drivers.base import Driver
+from drivers.wits0_parser import Wits0Packet, Wits0Parser
 
 
 def free_port() -> int:
@@ -402,3 +403,101 @@ async def running(driver: Driver, emit: Collector) -> AsyncIterator[asyncio.Task
         assert task.done(), "driver still running 5 s after cancel()"
         if not task.cancelled():
             task.result()
+
+
+class WitsDevice:
+    """A WITS level 0 device on 127.0.0.1 that a `tcp://` source connects to.
+
+    It keeps every connection, parses what the agent sends on each, and
+    writes test packets to the newest one. With `handshake=True` it acts as
+    an EDR in send-and-receive mode: it streams `packets` (one every
+    `interval` seconds) to a connection only after that connection has sent
+    a valid WITS packet.
+    """
+
+    def __init__(
+        self,
+        *,
+        handshake: bool = False,
+        packets: Sequence[bytes] = (),
+        interval: float = 0.02,
+    ) -> None:
+        self.port = free_port()
+        self.handshake = handshake
+        self.packets = list(packets)
+        self.interval = interval
+        self.connections: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self.received: list[Wits0Packet] = []
+        """Packets the agent sent, over all connections."""
+        self.sent_packets = 0
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._changed = asyncio.Condition()
+
+    @property
+    def url(self) -> str:
+        return f"tcp://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._on_connect, "127.0.0.1", self.port)
+
+    async def stop(self) -> None:
+        """Stop listening and close every connection."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for _, writer in self.connections:
+            writer.close()
+        for _, writer in self.connections:
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+    async def wait_connections(self, count: int, within: float = 5.0) -> None:
+        async with asyncio.timeout(within), self._changed:
+            await self._changed.wait_for(lambda: len(self.connections) >= count)
+
+    async def write(self, data: bytes) -> None:
+        """Write bytes to the newest connection."""
+        _, writer = self.connections[-1]
+        writer.write(data)
+        async with asyncio.timeout(10):
+            await writer.drain()
+
+    async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        async with self._changed:
+            self.connections.append((reader, writer))
+            self._changed.notify_all()
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            # The agent closing or resetting its end is a normal way for a connection to end.
+            with contextlib.suppress(OSError):
+                await self._serve(reader, writer)
+        finally:
+            self._tasks.discard(task)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        parser = Wits0Parser()
+        streaming: asyncio.Task[None] | None = None
+        try:
+            while data := await reader.read(4096):
+                packets = parser.feed(data)
+                self.received.extend(packets)
+                if packets and self.handshake and streaming is None:
+                    streaming = asyncio.create_task(self._stream(writer))
+        finally:
+            if streaming is not None:
+                streaming.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await streaming
+
+    async def _stream(self, writer: asyncio.StreamWriter) -> None:
+        for packet in self.packets:
+            writer.write(packet)
+            await writer.drain()
+            self.sent_packets += 1
+            await asyncio.sleep(self.interval)

@@ -64,3 +64,14 @@ def test_demo_publishes(tmp_path: Path) -> None:
     match = re.search(r"(\d+) published to MQTT", result.stdout)
     assert match is not None, result.stdout
     assert int(match.group(1)) > 0
+
+
+def test_readme_config_example_is_valid(tmp_path: Path) -> None:
+    """The TOML example in README.md passes `check-config`, so the docs cannot drift."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```toml\n(.*?)```", readme, re.DOTALL)
+    assert blocks, "README.md has no TOML example"
+    config = tmp_path / "agent.toml"
+    config.write_text(blocks[0])
+    result = rig_agent("check-config", str(config))
+    assert result.returncode == 0, result.stderr
