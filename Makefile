@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-LINTED := agent drivers buffer uplink config
+LINTED := agent drivers buffer uplink config cloud
 
 .PHONY: demo test lint typecheck unit venv clean
 

@@ -81,6 +81,21 @@ def _build_parser() -> _ArgumentParser:
         default=None,
         help="keep the demo buffer and log here (default: a temporary directory)",
     )
+    keygen = commands.add_parser(
+        "keygen",
+        help="create a device key for the cloud uplink and print its public key to register",
+        description="Write a new EC P-256 private key as PEM with mode 0600, then print the "
+        "public key as PEM and as JWK, and its kid (the RFC 7638 thumbprint) for registration "
+        "with the cloud service. Exit 1 when the file cannot be written.",
+    )
+    keygen.add_argument(
+        "--out", type=Path, required=True, help="path of the private key file to create"
+    )
+    keygen.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing file; the old key stops working once the service drops it",
+    )
     _add_modbus_commands(commands)
     _add_wits0_commands(commands)
     return parser
@@ -238,6 +253,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from agent.demo import run_demo
 
         return run_demo(duration=args.duration, data_dir=args.data_dir)
+    if args.command == "keygen":
+        return _keygen(args.out, force=args.force)
     if args.command == "modbus":
         return _modbus(args)
     if args.command == "wits0":
@@ -290,6 +307,44 @@ def _wits0(args: argparse.Namespace) -> int:
     return EXIT_CONFIG
 
 
+def _keygen(path: Path, *, force: bool) -> int:
+    import json
+
+    from cryptography.hazmat.primitives import serialization
+
+    from uplink.auth import generate_key_file, public_jwk
+
+    try:
+        key = generate_key_file(path, overwrite=force)
+    except FileExistsError:
+        print(
+            f"rig-agent keygen: {path} already exists and was left unchanged: choose another "
+            "path, or add --force to replace it. A replaced key must be registered again "
+            "before the service accepts the device.",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        print(f"rig-agent keygen: failed to write {path}: {reason}", file=sys.stderr)
+        return EXIT_CONFIG
+
+    public_key = key.public_key()
+    pem = public_key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    ).decode("ascii")
+    jwk = public_jwk(public_key)
+    print(f"Wrote the private key to {path} (mode 0600). Keep it on this device only.\n")
+    print(f"Public key (PEM):\n{pem}")
+    print(f"Public key (JWK):\n{json.dumps(jwk, indent=2)}\n")
+    print(f"kid: {jwk['kid']}\n")
+    print(
+        "Register the public key with the cloud service: save the PEM above as a file and run "
+        "`rig-agent-cloud register-key --keys-dir DIR FILE` on the reference service."
+    )
+    return EXIT_OK
+
+
 def _check_config(path: Path) -> int:
     from config.loader import ConfigError, load_config, summarize
 
@@ -322,9 +377,17 @@ def _run(path: Path) -> int:
         return EXIT_CONFIG
 
     from agent.logs import configure_logging
+    from uplink.auth import KeyFileError
 
     configure_logging(config.agent.log_level, config.agent.log_format)
-    return asyncio.run(_run_agent(config))
+    try:
+        return asyncio.run(_run_agent(config))
+    except KeyFileError as exc:
+        print(str(exc), file=sys.stderr)
+        print(
+            "rig-agent did not start: fix the device key file and start it again.", file=sys.stderr
+        )
+        return EXIT_CONFIG
 
 
 async def _run_agent(config: Config) -> int:

@@ -8,16 +8,19 @@ import functools
 from collections.abc import Sequence
 
 import structlog
+from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePrivateKey
 
 from agent.supervisor import supervise
 from buffer.reading import Reading
 from buffer.store import Buffer
 from buffer.writer import BufferWriter
-from config.model import Config
+from config.model import CloudSection, Config
 from drivers.base import Driver
 from drivers.modbus import ModbusDriver
 from drivers.modbus_bus import BusRegistry
 from drivers.wits0 import Wits0Driver
+from uplink.auth import load_private_key, resolve_secret_path
+from uplink.cloud import CloudSink
 from uplink.mqtt import MqttSink
 
 __all__ = ["SHUTDOWN_BUDGET", "Agent"]
@@ -32,7 +35,13 @@ class Agent:
     """One running agent: the buffer, its writer, the drivers and the sinks of a config."""
 
     def __init__(self, config: Config) -> None:
+        """Build the parts of the agent, and raise KeyFileError for an unusable cloud key file.
+
+        The device key is read here, before the buffer opens, so that a bad key
+        file stops the agent at start instead of failing the cloud sink later.
+        """
         self.config = config
+        cloud_key = _load_cloud_key(config.cloud) if config.cloud is not None else None
         self.buffer = Buffer(config.agent.data_dir, config.enabled_sinks())
         self.writer = BufferWriter(self.buffer, config.buffer.commit_interval)
         buses = BusRegistry()
@@ -50,7 +59,17 @@ class Agent:
                     buffer=self.buffer,
                 )
             )
+        self.cloud_sink: CloudSink | None = None
+        if config.cloud is not None and cloud_key is not None:
+            self.cloud_sink = CloudSink(
+                config.cloud, rig_id=config.agent.rig_id, buffer=self.buffer, key=cloud_key
+            )
         self.started = asyncio.Event()
+
+    def all_sinks(self) -> list[MqttSink | CloudSink]:
+        """Return every enabled sink: the MQTT sink in `sinks`, then the cloud sink."""
+        cloud = [self.cloud_sink] if self.cloud_sink is not None else []
+        return [*self.sinks, *cloud]
 
     async def _emit(self, readings: Sequence[Reading]) -> None:
         await self.writer.put(readings)
@@ -64,7 +83,7 @@ class Agent:
                 data_dir=str(self.config.agent.data_dir),
                 last_seq=self.buffer.last_seq,
                 sources=[d.name for d in self.drivers],
-                sinks=[s.name for s in self.sinks],
+                sinks=[s.name for s in self.all_sinks()],
             )
             async with asyncio.TaskGroup() as group:
                 writer_task = group.create_task(
@@ -72,7 +91,7 @@ class Agent:
                 )
                 sink_tasks = [
                     group.create_task(supervise("sink", s.name, s.run), name=f"sink:{s.name}")
-                    for s in self.sinks
+                    for s in self.all_sinks()
                 ]
                 driver_tasks = [
                     group.create_task(
@@ -104,6 +123,13 @@ class Agent:
             log.error("buffer_flush_timed_out", pending=self.writer.pending)
         await _cancel_all([writer_task], 1.0)
         await _cancel_all(sink_tasks, max(0.5, deadline - loop.time()))
+
+
+def _load_cloud_key(cfg: CloudSection) -> EllipticCurvePrivateKey:
+    path = resolve_secret_path(cfg.private_key_file)
+    key = load_private_key(path)
+    log.info("cloud_key_loaded", path=str(path), device_id=cfg.device_id)
+    return key
 
 
 async def _cancel_all(tasks: Sequence[asyncio.Task[None]], budget: float) -> None:

@@ -48,7 +48,8 @@ def format_stats(rig_id: str, stats: BufferStats) -> str:
     """Render buffer statistics as a plain-text screen."""
     lines = [
         f"rig {rig_id}: last seq {stats.last_seq}, {stats.rows} readings buffered, "
-        f"{stats.dropped_rows} dropped, {stats.db_bytes / 1024**2:.1f} MiB on disk",
+        f"{stats.dropped_rows} dropped, {stats.quarantined} quarantined, "
+        f"{stats.db_bytes / 1024**2:.1f} MiB on disk",
         "",
         f"{'sink':<12} {'cursor':>12} {'depth':>10}",
     ]
@@ -64,4 +65,24 @@ def format_stats(rig_id: str, stats: BufferStats) -> str:
             f"{ch.source:<16} {ch.channel:<24} {value:>14} {ch.unit:<8} "
             f"{ch.quality.value:<9} {format_ts(ch.ts_us)}"
         )
+    lines += _quarantine_lines(stats)
     return "\n".join(lines)
+
+
+def _quarantine_lines(stats: BufferStats) -> list[str]:
+    """Render the newest readings that a destination rejected and the buffer kept aside."""
+    if not stats.quarantined:
+        return []
+    shown = len(stats.quarantine_newest)
+    lines = [
+        "",
+        f"quarantined readings: {stats.quarantined} (newest {shown} below, newest first)",
+        f"{'sink':<8} {'seq':>12} {'source':<16} {'channel':<24} {'value':>14} status reason",
+    ]
+    for q in stats.quarantine_newest:
+        value = "-" if q.value is None else f"{q.value:.6g}"
+        lines.append(
+            f"{q.sink:<8} {q.seq:>12} {q.source:<16} {q.channel:<24} {value:>14} "
+            f"{q.status:>6} {q.reason}"
+        )
+    return lines

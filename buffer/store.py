@@ -16,7 +16,7 @@ from typing import Self, TypeVar
 
 import structlog
 
-from buffer.reading import Quality, Reading, StoredReading
+from buffer.reading import Quality, Reading, StoredReading, now_us
 
 __all__ = [
     "DB_FILENAME",
@@ -26,6 +26,7 @@ __all__ = [
     "ChannelValue",
     "CorruptDatabaseError",
     "ForeignDatabaseError",
+    "QuarantinedReading",
     "SinkStats",
     "check_reading",
     "read_stats",
@@ -120,6 +121,37 @@ _SELECT_CHANNEL_VALUES = """
     FROM channels WHERE last_ts_us IS NOT NULL ORDER BY source, channel
 """
 _SELECT_TABLES = "SELECT name FROM sqlite_master WHERE type = 'table'"
+# Added after schema version 1 without a version bump: it is created when missing, so a
+# buffer made by an older agent gains it at the next start and still opens in older agents.
+_CREATE_QUARANTINE = """
+    CREATE TABLE IF NOT EXISTS quarantine (
+        id INTEGER PRIMARY KEY,
+        sink TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        ts_us INTEGER NOT NULL,
+        source TEXT NOT NULL,
+        channel TEXT NOT NULL,
+        value REAL,
+        unit TEXT NOT NULL,
+        quality INTEGER NOT NULL,
+        status INTEGER NOT NULL,
+        reason TEXT NOT NULL,
+        quarantined_us INTEGER NOT NULL
+    )
+"""
+_INSERT_QUARANTINE = """
+    INSERT INTO quarantine
+        (sink, seq, ts_us, source, channel, value, unit, quality, status, reason, quarantined_us)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+"""
+_COUNT_QUARANTINE = "SELECT count(*) FROM quarantine"
+_COUNT_QUARANTINE_OF_SINK = "SELECT count(*) FROM quarantine WHERE sink = ?"
+_SELECT_QUARANTINE_NEWEST = """
+    SELECT sink, seq, ts_us, source, channel, value, unit, quality, status, reason, quarantined_us
+    FROM quarantine ORDER BY id DESC LIMIT ?
+"""
+QUARANTINE_LISTED = 10
+"""Newest quarantined readings included in `stats()` and `read_stats()`."""
 
 
 class BufferDatabaseError(Exception):
@@ -161,6 +193,25 @@ class SinkStats:
 
 
 @dataclass(frozen=True, slots=True)
+class QuarantinedReading:
+    """A reading that a destination rejected on its own, kept with the status and reason."""
+
+    sink: str
+    seq: int
+    ts_us: int
+    source: str
+    channel: str
+    value: float | None
+    unit: str
+    quality: Quality
+    status: int
+    """HTTP status of the rejection, such as 422."""
+    reason: str
+    quarantined_us: int
+    """When the reading was quarantined, in microseconds since the Unix epoch."""
+
+
+@dataclass(frozen=True, slots=True)
 class BufferStats:
     """A snapshot of the buffer for `status` and metrics."""
 
@@ -170,6 +221,10 @@ class BufferStats:
     db_bytes: int
     sinks: list[SinkStats] = field(default_factory=list)
     channels: list[ChannelValue] = field(default_factory=list)
+    quarantined: int = 0
+    """Readings in the quarantine table, of every sink."""
+    quarantine_newest: list[QuarantinedReading] = field(default_factory=list)
+    """The newest quarantined readings, newest first."""
 
 
 class _State(enum.Enum):
@@ -347,6 +402,34 @@ class Buffer:
             return
         await self._call(functools.partial(self._commit_cursor_sync, sink, seq))
 
+    async def quarantine(
+        self, sink: str, readings: Sequence[StoredReading], status: int, reason: str
+    ) -> None:
+        """Copy rejected readings to the quarantine table and move the sink's cursor past them.
+
+        Both happen in one transaction, so after a crash the readings are either
+        quarantined with the cursor past them, or neither. The cursor moves to the
+        highest seq of `readings`, so the caller must already have delivered or
+        quarantined every reading of the sink below them.
+        """
+        self._require_open()
+        if not readings:
+            return
+        up_to = max(r.seq for r in readings)
+        if up_to > self._last_seq:
+            message = (
+                f"cannot quarantine seq {up_to} for sink {sink!r}: "
+                f"expected at most last_seq {self._last_seq}"
+            )
+            raise ValueError(message)
+        call = functools.partial(self._quarantine_sync, sink, list(readings), status, reason)
+        await self._call(call)
+
+    async def quarantined_count(self, sink: str | None = None) -> int:
+        """Return the number of quarantined readings of one sink, or of all sinks."""
+        self._require_open()
+        return await self._call(functools.partial(self._quarantined_count_sync, sink))
+
     async def stats(self) -> BufferStats:
         """Return a snapshot of depths, counters and the newest value per channel."""
         self._require_open()
@@ -517,6 +600,44 @@ class Buffer:
         conn.execute(_UPSERT_CURSOR, (sink, seq))
         self._cursors[sink] = max(seq, self._cursors.get(sink, 0))
 
+    def _quarantine_sync(
+        self, sink: str, readings: list[StoredReading], status: int, reason: str
+    ) -> None:
+        conn = self._connection()
+        quarantined_us = now_us()
+        rows = [
+            (
+                sink,
+                r.seq,
+                r.ts_us,
+                r.source,
+                r.channel,
+                r.value,
+                r.unit,
+                _QUALITY_CODES[r.quality],
+                status,
+                reason,
+                quarantined_us,
+            )
+            for r in readings
+        ]
+        up_to = max(r.seq for r in readings)
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.executemany(_INSERT_QUARANTINE, rows)
+            conn.execute(_UPSERT_CURSOR, (sink, up_to))
+            conn.execute("COMMIT")
+        except BaseException:
+            _rollback(conn)
+            raise
+        self._cursors[sink] = max(up_to, self._cursors.get(sink, 0))
+
+    def _quarantined_count_sync(self, sink: str | None) -> int:
+        conn = self._connection()
+        if sink is None:
+            return int(conn.execute(_COUNT_QUARANTINE).fetchone()[0])
+        return int(conn.execute(_COUNT_QUARANTINE_OF_SINK, (sink,)).fetchone()[0])
+
     def _stats_sync(self) -> BufferStats:
         return _collect_stats(self._connection(), self.path, self.sinks)
 
@@ -597,6 +718,7 @@ def _open_schema(conn: sqlite3.Connection, path: Path) -> None:
             if _inspect_database(conn, path) == 0:
                 for statement in _SCHEMA:
                     conn.execute(statement)
+            conn.execute(_CREATE_QUARANTINE)
             conn.execute("COMMIT")
         except BaseException:
             _rollback(conn)
@@ -656,6 +778,7 @@ def _collect_stats(conn: sqlite3.Connection, path: Path, sinks: Sequence[str]) -
         dropped_rows = conn.execute(_SELECT_COUNTER, ("dropped_rows",)).fetchone()[0]
         cursors = dict(conn.execute(_SELECT_CURSORS).fetchall())
         channel_rows = conn.execute(_SELECT_CHANNEL_VALUES).fetchall()
+        quarantined, quarantine_rows = _fetch_quarantine(conn)
     finally:
         conn.execute("COMMIT")
 
@@ -678,7 +801,47 @@ def _collect_stats(conn: sqlite3.Connection, path: Path, sinks: Sequence[str]) -
         db_bytes=_file_size(path) + _file_size(path.with_name(path.name + "-wal")),
         sinks=sink_stats,
         channels=channels,
+        quarantined=quarantined,
+        quarantine_newest=quarantine_rows,
     )
+
+
+def _fetch_quarantine(conn: sqlite3.Connection) -> tuple[int, list[QuarantinedReading]]:
+    """Return the quarantine count and newest rows; (0, []) for a buffer without the table."""
+    tables = {row[0] for row in conn.execute(_SELECT_TABLES)}
+    if "quarantine" not in tables:
+        return 0, []
+    count = int(conn.execute(_COUNT_QUARANTINE).fetchone()[0])
+    rows = conn.execute(_SELECT_QUARANTINE_NEWEST, (QUARANTINE_LISTED,)).fetchall()
+    newest = [
+        QuarantinedReading(
+            sink,
+            seq,
+            ts_us,
+            source,
+            channel,
+            value,
+            unit,
+            _QUALITY_BY_CODE[quality],
+            status,
+            reason,
+            quarantined_us,
+        )
+        for (
+            sink,
+            seq,
+            ts_us,
+            source,
+            channel,
+            value,
+            unit,
+            quality,
+            status,
+            reason,
+            quarantined_us,
+        ) in rows
+    ]
+    return count, newest
 
 
 def _fetch_last_seq(conn: sqlite3.Connection) -> int:

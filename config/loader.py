@@ -19,7 +19,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails
 
-from config.model import NAME_PATTERN, Config, ModbusSource, Wits0Source
+from config.model import NAME_PATTERN, CloudSection, Config, ModbusSource, Wits0Source
 from config.toml_lines import TomlLines, TomlPath
 from config.units import format_duration, format_size
 from drivers.modbus_plan import describe_plan, plan_for_source
@@ -649,6 +649,8 @@ def summarize(config: Config) -> str:
                 f"{config.mqtt.url}, topic prefix {config.topic_prefix()}, qos {config.mqtt.qos}",
             )
         )
+    if config.cloud is not None:
+        rows.extend(_cloud_rows(config.cloud))
     if not config.enabled_sinks():
         rows.append(("sinks", "none; readings stay in the local buffer"))
     width = max(len(label) for label, _ in rows) + 1
@@ -703,3 +705,44 @@ def _wits0_rows(source: Wits0Source) -> list[tuple[str, str]]:
         every = format_duration(source.transmit_interval)
         rows.append((f"transmit {source.name}", f"{lines} every {every}"))
     return rows
+
+
+def _cloud_rows(cloud: CloudSection) -> list[tuple[str, str]]:
+    """Describe the cloud sink, and whether its key file would let the agent start here."""
+    settings = [
+        cloud.url,
+        f"device {cloud.device_id}",
+        f"audience {cloud.audience}",
+        f"up to {cloud.batch_max_readings} readings per batch",
+        f"every {format_duration(cloud.interval)} when idle",
+        f"token lifetime {format_duration(cloud.token_lifetime)}",
+        f"timeout {format_duration(cloud.timeout)}",
+    ]
+    if not cloud.is_tls:
+        settings.append("plain http" if cloud.is_loopback else "plain http (allow_insecure_http)")
+    if cloud.ca_file:
+        settings.append(f"extra CA file {cloud.ca_file}")
+    return [("sink cloud", ", ".join(settings)), ("cloud key", _key_status(cloud.private_key_file))]
+
+
+def _key_status(setting: str) -> str:
+    """Check the device key file as the agent would at start, and describe the outcome.
+
+    A failure here is reported but is not a config error: the config may be
+    checked on another machine than the rig, where the key does not exist.
+    """
+    # Imported here so that loading a config does not need the uplink's libraries.
+    from uplink.auth import KeyFileError, jwk_thumbprint, load_private_key, resolve_secret_path
+
+    try:
+        path = resolve_secret_path(setting)
+    except KeyFileError:
+        return (
+            f"credential {setting!r} in $CREDENTIALS_DIRECTORY, which systemd sets from "
+            "LoadCredential=; not set here, so the key is not checked"
+        )
+    try:
+        kid = jwk_thumbprint(load_private_key(path).public_key())
+    except KeyFileError as exc:
+        return f"WARNING: {exc}; the agent will not start on this machine until this is fixed"
+    return f"{path}, kid {kid}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import struct
 from contextvars import ContextVar
@@ -53,6 +54,7 @@ __all__ = [
     "NAME_PATTERN",
     "AgentSection",
     "BufferSection",
+    "CloudSection",
     "Config",
     "ModbusPoint",
     "ModbusSource",
@@ -786,6 +788,117 @@ class MqttSection(_Section):
         return urlsplit(self.url).scheme == "mqtts"
 
 
+_MAX_TOKEN_LIFETIME = 600.0
+"""Maximum token lifetime, in seconds, that the cloud service accepts."""
+
+
+class CloudSection(_Section):
+    """The `[cloud]` table: the HTTPS ingest service and the device credentials for it."""
+
+    url: str
+    device_id: str = Field(pattern=NAME_PATTERN, min_length=1, max_length=64)
+    private_key_file: str = Field(min_length=1)
+    audience: str = Field(default="rig-cloud", min_length=1)
+    batch_max_readings: int = Field(default=5000, ge=1, le=100_000, strict=True)
+    interval: Duration = 5.0
+    token_lifetime: Duration = 300.0
+    timeout: Duration = 30.0
+    allow_insecure_http: bool = Field(default=False, strict=True)
+    ca_file: str = ""
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("https", "http") or not parts.hostname:
+            hint = _suggestion(parts.scheme, ["https"]) if parts.scheme else ""
+            msg = (
+                f'invalid cloud URL {value!r}: expected "https://host[:port][/base path]", '
+                f'such as "https://ingest.example.com"{hint}'
+            )
+            raise ValueError(msg)
+        try:
+            parts.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError:
+            msg = f"invalid port in cloud URL {value!r}: expected a number from 1 to 65535"
+            raise ValueError(msg) from None
+        if parts.username is not None or parts.password is not None:
+            # The value is left out of the message, which may end up in the journal.
+            msg = (
+                "the cloud URL contains a user name or password: remove them, because the "
+                "agent authenticates with its device key and secrets never go in the file"
+            )
+            raise ValueError(msg)
+        if parts.query or parts.fragment:
+            msg = (
+                f"cloud URL {value!r} has a query or fragment: expected only scheme, host, "
+                "port and base path"
+            )
+            raise ValueError(msg)
+        return value
+
+    @field_validator("private_key_file")
+    @classmethod
+    def _key_file_name(cls, value: str) -> str:
+        if value.strip() in (".", ".."):
+            msg = (
+                f"invalid private_key_file {value!r}: expected a path, or the name of a "
+                "credential in $CREDENTIALS_DIRECTORY"
+            )
+            raise ValueError(msg)
+        return value
+
+    @field_validator("token_lifetime")
+    @classmethod
+    def _token_lifetime_limit(cls, value: float) -> float:
+        if not 1.0 <= value <= _MAX_TOKEN_LIFETIME:
+            msg = (
+                f"token_lifetime {format_duration(value)} is out of range: expected 1s to 10m, "
+                "because token times count whole seconds and the cloud service rejects "
+                "tokens that live longer than 10 minutes"
+            )
+            raise ValueError(msg)
+        return value
+
+    @model_validator(mode="after")
+    def _plain_http_only_on_loopback(self) -> CloudSection:
+        if self.is_tls or self.allow_insecure_http or self.is_loopback:
+            return self
+        msg = (
+            f"cloud URL {self.url!r} uses plain http:// to a host that is not loopback, which "
+            "would send readings and device tokens unencrypted: use https://, or set "
+            "allow_insecure_http = true in [cloud] for a network you trust"
+        )
+        raise _error_at(msg, "url")
+
+    @property
+    def host(self) -> str:
+        """Host name or address of the service."""
+        return urlsplit(self.url).hostname or ""
+
+    @property
+    def is_tls(self) -> bool:
+        """Whether the URL is https://."""
+        return urlsplit(self.url).scheme == "https"
+
+    @property
+    def is_loopback(self) -> bool:
+        """Whether the host is localhost, an address in 127.0.0.0/8 or ::1."""
+        # urlsplit lowercases the host name, so "LOCALHOST" arrives as "localhost".
+        host = self.host
+        if host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
+
+    @property
+    def base_url(self) -> str:
+        """The URL without a trailing '/', to which paths such as /v1/readings are appended."""
+        return self.url.rstrip("/")
+
+
 class Config(_Section):
     """The whole config file."""
 
@@ -793,6 +906,7 @@ class Config(_Section):
     buffer: BufferSection = BufferSection()
     sources: Sources = Sources()
     mqtt: MqttSection | None = None
+    cloud: CloudSection | None = None
 
     @model_validator(mode="after")
     def _unique_source_names(self) -> Config:
@@ -858,7 +972,12 @@ class Config(_Section):
 
     def enabled_sinks(self) -> list[str]:
         """Return the names of the sinks this config enables, in a fixed order."""
-        return ["mqtt"] if self.mqtt is not None else []
+        sinks: list[str] = []
+        if self.mqtt is not None:
+            sinks.append("mqtt")
+        if self.cloud is not None:
+            sinks.append("cloud")
+        return sinks
 
     def topic_prefix(self) -> str:
         """Return the MQTT topic prefix with `{rig_id}` filled in."""

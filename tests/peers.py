@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import shutil
 import signal
 import socket
@@ -20,12 +21,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import aiomqtt
+import httpx
 from pymodbus import FramerType
 from pymodbus.pdu import ModbusPDU
 from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
 from buffer.reading import Reading
+from cloud.auth import register_key, unregister_key
 from drivers.base import Driver
 from drivers.wits0_parser import Wits0Packet, Wits0Parser
 
@@ -501,3 +504,142 @@ class WitsDevice:
             await writer.drain()
             self.sent_packets += 1
             await asyncio.sleep(self.interval)
+
+
+class CloudService:
+    """The reference ingest service under uvicorn in a child process, on a fixed 127.0.0.1 port.
+
+    The database and key folder live in a temporary directory that outlasts
+    `stop()`, so a test can stop the service and start it again on the same
+    port with the same stored readings. Fault injection is on by default.
+    """
+
+    def __init__(
+        self,
+        *,
+        audience: str = "rig-cloud",
+        test_faults: bool = True,
+        max_body_bytes: int | None = None,
+    ) -> None:
+        self._dir = tempfile.TemporaryDirectory(prefix="rig-agent-cloud-")
+        root = Path(self._dir.name)
+        self.port = free_port()
+        self.db = root / "cloud.db"
+        self.keys_dir = root / "keys"
+        self.keys_dir.mkdir()
+        self.log = root / "cloud.log"
+        self.audience = audience
+        self.test_faults = test_faults
+        self.max_body_bytes = max_body_bytes
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 20.0) -> None:
+        """Start the service and wait until it accepts connections on its port."""
+        command = [sys.executable, "-m", "cloud.cli", "serve", "--port", str(self.port)]
+        command += ["--db", str(self.db), "--keys-dir", str(self.keys_dir)]
+        command += ["--audience", self.audience, "--log-level", "warning"]
+        if self.max_body_bytes is not None:
+            command += ["--max-body-bytes", str(self.max_body_bytes)]
+        env = {**os.environ, "RIG_CLOUD_TEST_FAULTS": "1" if self.test_faults else "0"}
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+        # uvicorn opens its socket only after the app's startup (database, keys) is done.
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"cloud service exited with {self.proc.returncode}; see {self.log}"
+                )
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"cloud service not listening after {timeout}s") from None
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        """Stop with SIGTERM (uvicorn finishes open requests), or SIGKILL after 10 s."""
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+
+    def kill(self) -> None:
+        """Kill with SIGKILL: no shutdown code runs."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+    def close(self) -> None:
+        self.stop()
+        self._dir.cleanup()
+
+    def register_key(self, public_pem: bytes | str) -> str:
+        """Register a device public key (PEM) with the service and return its kid."""
+        return register_key(self.keys_dir, public_pem)
+
+    def unregister_key(self, kid: str) -> None:
+        """Remove a registered key: tokens with this kid get 401 until it is registered again."""
+        if not unregister_key(self.keys_dir, kid):
+            raise KeyError(f"no key with kid {kid} in {self.keys_dir}")
+
+    async def stats(self) -> dict[str, Any]:
+        """Return `GET /v1/stats`."""
+        stats: dict[str, Any] = await self._request("GET", "/v1/stats")
+        return stats
+
+    async def device_stats(self, device_id: str) -> dict[str, Any]:
+        """Return the stats of one device (empty counters when it sent nothing)."""
+        devices = (await self.stats())["devices"]
+        return dict(devices.get(device_id, {"readings": 0, "duplicates": 0, "rejected": {}}))
+
+    async def readings(self, device_id: str, after_seq: int = 0) -> list[dict[str, Any]]:
+        """Return every stored reading of a device with seq above `after_seq`, in seq order."""
+        out: list[dict[str, Any]] = []
+        next_after: int | None = after_seq
+        while next_after is not None:
+            page = await self._request(
+                "GET",
+                f"/v1/devices/{device_id}/readings",
+                params={"after_seq": next_after, "limit": 100_000},
+            )
+            out.extend(page["readings"])
+            next_after = page["next_after_seq"]
+        return out
+
+    async def inject_fault(
+        self,
+        *,
+        status: int | None = None,
+        retry_after: int | None = None,
+        count: int | None = None,
+        reject_seq: int | None = None,
+        after_store: bool = False,
+    ) -> list[dict[str, Any]]:
+        """Queue one fault (see `cloud.faults.Fault`) and return the faults pending."""
+        fault: dict[str, Any] = {"status": status, "retry_after": retry_after, "count": count}
+        fault |= {"reject_seq": reject_seq, "after_store": after_store}
+        body = {key: value for key, value in fault.items() if value is not None}
+        return list((await self._request("POST", "/_test/faults", json=body))["pending"])
+
+    async def clear_faults(self) -> None:
+        await self._request("DELETE", "/_test/faults")
+
+    async def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        async with (
+            asyncio.timeout(30),
+            httpx.AsyncClient(base_url=self.base_url, timeout=30) as client,
+        ):
+            response = await client.request(method, path, **kwargs)
+        response.raise_for_status()
+        return response.json()
