@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -233,6 +234,17 @@ def _add_wits0_commands(commands: argparse._SubParsersAction[_ArgumentParser]) -
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one `rig-agent` command and return its exit code."""
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # The reader of a pipe (head, less) went away: stop quietly, and keep the
+        # interpreter from failing again when it flushes stdout at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = _build_parser()
     args, unrecognized = parser.parse_known_args(argv)
     if unrecognized:
@@ -394,6 +406,7 @@ async def _run_agent(config: Config) -> int:
     import structlog
 
     from agent.runtime import Agent
+    from buffer.store import BufferDatabaseError
 
     log = structlog.get_logger("agent.cli")
     stop = asyncio.Event()
@@ -403,9 +416,11 @@ async def _run_agent(config: Config) -> int:
 
     try:
         await Agent(config).run(stop)
-    except OSError as exc:
-        # Opening the buffer failed (data_dir missing rights, disk error): nothing ran.
+    except (OSError, BufferDatabaseError) as exc:
+        # Opening the buffer failed (no rights on data_dir, a corrupt file, another
+        # agent on the same data_dir, a disk error): nothing ran.
         log.error("agent_failed", error=str(exc))
+        print(f"rig-agent did not start: {exc}", file=sys.stderr)
         return EXIT_RUNTIME
     return EXIT_OK
 

@@ -12,6 +12,12 @@ __all__ = ["configure_logging"]
 
 LogFormat = Literal["auto", "json", "console"]
 
+# structlog's default dict_tracebacks includes every frame's local variables, which
+# can hold a password or a token; tracebacks here carry code locations only.
+_DICT_TRACEBACKS = structlog.processors.ExceptionRenderer(
+    structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+)
+
 
 def configure_logging(
     level: str = "info", log_format: LogFormat = "auto", stream: TextIO | None = None
@@ -32,11 +38,11 @@ def configure_logging(
     renderer: structlog.types.Processor
     if as_json:
         renderer = structlog.processors.JSONRenderer()
-        exception_processors: list[structlog.types.Processor] = [
-            structlog.processors.dict_tracebacks
-        ]
+        exception_processors: list[structlog.types.Processor] = [_DICT_TRACEBACKS]
     else:
-        renderer = structlog.dev.ConsoleRenderer(colors=out.isatty())
+        renderer = structlog.dev.ConsoleRenderer(
+            colors=out.isatty(), exception_formatter=structlog.dev.plain_traceback
+        )
         exception_processors = [structlog.dev.set_exc_info]
 
     structlog.configure(
@@ -52,7 +58,7 @@ def configure_logging(
             foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-                *([structlog.processors.dict_tracebacks] if as_json else []),
+                *([_DICT_TRACEBACKS] if as_json else []),
                 renderer,
             ],
         )

@@ -453,14 +453,18 @@ def _quiet_library() -> Iterator[_LibraryLog]:
     """Route pymodbus log records into a list for the duration of one command."""
     logger = logging.getLogger("pymodbus.logging")
     handler = _LibraryLog()
-    propagate = logger.propagate
+    propagate, level = logger.propagate, logger.level
     logger.addHandler(handler)
     logger.propagate = False
+    # The agent's logging setup silences pymodbus; the connect failure reason is
+    # logged at WARNING, so let at least that through to the handler.
+    logger.setLevel(logging.WARNING)
     try:
         yield handler
     finally:
         logger.removeHandler(handler)
         logger.propagate = propagate
+        logger.setLevel(level)
 
 
 async def _connect(

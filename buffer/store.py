@@ -5,14 +5,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import fcntl
 import functools
+import os
 import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Self, TypeVar
+from typing import Self, TextIO, TypeVar
 
 import structlog
 
@@ -22,6 +24,7 @@ __all__ = [
     "DB_FILENAME",
     "Buffer",
     "BufferDatabaseError",
+    "BufferInUseError",
     "BufferStats",
     "ChannelValue",
     "CorruptDatabaseError",
@@ -170,6 +173,10 @@ class ForeignDatabaseError(BufferDatabaseError):
     """The file is a valid SQLite database but not a rig-agent buffer of a known schema."""
 
 
+class BufferInUseError(BufferDatabaseError):
+    """Another process holds the buffer's lock: two agents must not share one data_dir."""
+
+
 @dataclass(frozen=True, slots=True)
 class ChannelValue:
     """The newest reading of one channel."""
@@ -288,6 +295,7 @@ class Buffer:
         self._cursors: dict[str, int] = {}
         # Only the SQLite thread uses these.
         self._conn: sqlite3.Connection | None = None
+        self._lock_file: TextIO | None = None
         self._channel_ids: dict[tuple[str, str], int] = {}
         self._deleted_up_to = 0
 
@@ -505,6 +513,7 @@ class Buffer:
 
     def _open_sync(self) -> None:
         self.data_dir.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        self._lock_file = _lock_data_dir(self.data_dir)
         try:
             try:
                 self._conn = sqlite3.connect(self.path, isolation_level=None)
@@ -530,6 +539,10 @@ class Buffer:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+        if self._lock_file is not None:
+            # Closing the file releases the flock.
+            self._lock_file.close()
+            self._lock_file = None
 
     def _append_sync(self, readings: list[Reading]) -> tuple[int, int]:
         for reading in readings:
@@ -870,3 +883,32 @@ def _file_size(path: Path) -> int:
         return path.stat().st_size
     except FileNotFoundError:
         return 0
+
+
+LOCK_FILENAME = "buffer.lock"
+
+
+def _lock_data_dir(data_dir: Path) -> TextIO:
+    """Take an exclusive lock on data_dir/buffer.lock, or raise BufferInUseError.
+
+    The kernel releases a flock when its process dies, so a crashed agent
+    never leaves a stale lock behind.
+    """
+    path = data_dir / LOCK_FILENAME
+    lock_file = path.open("a+", encoding="utf-8")
+    try:
+        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock_file.seek(0)
+        holder = lock_file.read().strip() or "unknown"
+        lock_file.close()
+        message = (
+            f"another rig-agent (pid {holder}) is using the buffer in {data_dir}: "
+            "stop it first, or give this agent its own agent.data_dir"
+        )
+        raise BufferInUseError(path, message) from None
+    lock_file.seek(0)
+    lock_file.truncate()
+    lock_file.write(f"{os.getpid()}\n")
+    lock_file.flush()
+    return lock_file

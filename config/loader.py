@@ -559,8 +559,17 @@ def format_path(path: Sequence[str | int]) -> str:
     return text
 
 
+_URL_USERINFO = re.compile(r"//[^/@\s]*@")
+
+
 def format_value(value: object) -> str:
-    """Format a value as TOML would write it, shortened to about 60 characters."""
+    """Format a value as TOML would write it, shortened to about 60 characters.
+
+    The user-info part of a URL ("//user:password@") is masked, because error
+    messages end up in the journal.
+    """
+    if isinstance(value, str):
+        value = _URL_USERINFO.sub("//***@", value)
     text = _toml_literal(value)
     if len(text) > _MAX_VALUE_CHARS:
         text = text[: _MAX_VALUE_CHARS - 3] + "..."

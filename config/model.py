@@ -352,7 +352,12 @@ def _convert_address(values: dict[str, Any], address_base: int) -> tuple[int | s
         modicon = modicon_from_integer(written)
 
     if modicon is not None:
-        if isinstance(table, str) and table in TABLES and table != modicon.table:
+        if table is not None and table not in TABLES:
+            # Keep the misspelled table so its own check reports it, with no second
+            # error about the address.
+            values["address"] = modicon.address
+            return None
+        if isinstance(table, str) and table != modicon.table:
             unit = TABLES[modicon.table].unit_name
             msg = (
                 f"address {written!r} is {modicon.table} {unit} {modicon.address} in Modicon "
@@ -743,6 +748,12 @@ class MqttSection(_Section):
     @classmethod
     def _mqtt_url(cls, value: str) -> str:
         parts = urlsplit(value)
+        if parts.username is not None or parts.password is not None:
+            msg = (
+                "the MQTT URL must not contain a user name or password: set mqtt.username, "
+                "and put the password in the file named by mqtt.password_file"
+            )
+            raise ValueError(msg)
         if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
             msg = f'invalid MQTT URL {value!r}: expected "mqtt://host:port" or "mqtts://host:port"'
             raise ValueError(msg)
@@ -751,6 +762,28 @@ class MqttSection(_Section):
         except ValueError:
             msg = f"invalid port in MQTT URL {value!r}: expected a number from 1 to 65535"
             raise ValueError(msg) from None
+        return value
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _valid_topic_prefix(cls, value: str) -> str:
+        if not value or value.startswith("/") or value.endswith("/"):
+            msg = f'invalid topic prefix {value!r}: expected levels such as "rigs/{{rig_id}}"'
+            raise ValueError(msg)
+        if "#" in value or "+" in value or "\0" in value:
+            msg = (
+                f"invalid topic prefix {value!r}: the MQTT wildcards # and + are allowed "
+                "only in subscriptions, not in the topics the agent publishes to"
+            )
+            raise ValueError(msg)
+        unknown = set(re.findall(r"\{([^}]*)\}", value)) - {"rig_id"}
+        if unknown:
+            names = ", ".join("{" + name + "}" for name in sorted(unknown))
+            msg = (
+                f"unknown placeholder {names} in topic prefix {value!r}: "
+                "only {rig_id} is filled in"
+            )
+            raise ValueError(msg)
         return value
 
     @field_validator("qos", mode="before")

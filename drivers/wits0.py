@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import termios
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +65,10 @@ TIME_ITEM = "06"
 
 CLOSE_TIMEOUT = 1.0
 """Seconds to wait for a link to close cleanly before it is aborted."""
+
+BAD_DATA_LOG_INTERVAL = 60.0
+"""Seconds between two warnings about junk bytes, malformed lines or oversize packets."""
+_BAD_DATA_COUNTERS = ("junk_bytes", "malformed_lines", "oversize_packets")
 
 _PARSER_COUNTERS = (
     "packets",
@@ -466,6 +471,8 @@ class Wits0Driver:
         self._backoff = Backoff(reconnect_delay_min, reconnect_delay_max)
         self._link_outage = Outage()
         self._silence = Outage()
+        self._bad_data_reported: dict[str, int] = {}
+        self._bad_data_logged_at = -BAD_DATA_LOG_INTERVAL
         self._opened_before = False
         self._write_error = ""
         self._transmit_bytes = source.transmit_bytes if source.transmit else b""
@@ -578,6 +585,7 @@ class Wits0Driver:
         self._silence.recover(self._log, "wits0_data_resumed")
         packets = self._parser.feed(data)
         self.counters.update_from(self._parser.counters)
+        self._report_bad_data()
         if not packets:
             return
         self._link_outage.recover(self._log, "wits0_link_recovered")
@@ -587,6 +595,31 @@ class Wits0Driver:
             readings = packet_readings(self.source, packet, received_us, self.counters)
             if readings:
                 await emit(readings)
+
+    def _report_bad_data(self) -> None:
+        """Log growth of the junk and malformed counters at most once per interval.
+
+        A wrong baud rate or parity shows up only as junk, so it must reach
+        the log, but not once per read.
+        """
+        now = time.monotonic()
+        if now - self._bad_data_logged_at < BAD_DATA_LOG_INTERVAL:
+            return
+        current = {name: getattr(self.counters, name) for name in _BAD_DATA_COUNTERS}
+        grown = {
+            name: value - self._bad_data_reported.get(name, 0)
+            for name, value in current.items()
+            if value > self._bad_data_reported.get(name, 0)
+        }
+        if not grown:
+            return
+        self._bad_data_logged_at = now
+        self._bad_data_reported = current
+        self._log.warning(
+            "wits0_bad_data",
+            hint="check the baud rate, parity and line settings of the link",
+            **{f"new_{name}": count for name, count in grown.items()},
+        )
 
     def _note_source_tag(self, tag: str | None) -> None:
         if tag is None or tag == self.source_tag:

@@ -1,0 +1,134 @@
+"""Failure paths a field technician meets: a shared data_dir, a corrupt buffer, secrets in logs."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import structlog
+
+from agent.logs import configure_logging
+from buffer.store import Buffer, BufferInUseError
+
+
+async def test_second_buffer_on_data_dir_rejected(tmp_path: Path) -> None:
+    """A second Buffer on the same data_dir fails with a message naming the holder's pid."""
+    async with Buffer(tmp_path, ["mqtt"]):
+        with pytest.raises(BufferInUseError) as caught:
+            async with Buffer(tmp_path, ["mqtt"]):
+                pass
+    assert f"pid {os.getpid()}" in str(caught.value)
+    assert "agent.data_dir" in str(caught.value)
+
+
+async def test_lock_released_on_close(tmp_path: Path) -> None:
+    """Closing a Buffer releases the data_dir lock for the next agent."""
+    async with Buffer(tmp_path, ["mqtt"]):
+        pass
+    async with Buffer(tmp_path, ["mqtt"]) as buffer:
+        assert buffer.last_seq == 0
+
+
+def test_second_agent_refuses_to_start(tmp_path: Path) -> None:
+    """`rig-agent run` on a data_dir in use exits 2 with a plain message and no traceback."""
+    config = tmp_path / "agent.toml"
+    config.write_text(f'[agent]\nrig_id = "r"\ndata_dir = "{tmp_path}"\nlog_format = "json"\n')
+    holder = subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", "run", "-c", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        assert holder.stdout is not None
+        for line in holder.stdout:
+            if b'"agent_started"' in line:
+                break
+        result = subprocess.run(
+            [sys.executable, "-m", "agent.cli", "run", "-c", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    finally:
+        holder.terminate()
+        holder.wait(timeout=10)
+        if holder.stdout is not None:
+            holder.stdout.close()
+    assert result.returncode == 2
+    assert "another rig-agent" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_corrupt_buffer_no_traceback(tmp_path: Path) -> None:
+    """A buffer file full of garbage stops `run` with the file named and no traceback."""
+    (tmp_path / "buffer.sqlite3").write_bytes(os.urandom(8192))
+    config = tmp_path / "agent.toml"
+    config.write_text(f'[agent]\nrig_id = "r"\ndata_dir = "{tmp_path}"\nlog_format = "json"\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "run", "-c", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "buffer.sqlite3" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize("log_format", ["json", "console"])
+def test_traceback_logs_no_locals(log_format: str) -> None:
+    """A logged exception carries code locations but not the values of local variables."""
+    out = io.StringIO()
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+    saved_library_level = logging.getLogger("pymodbus").level
+    configure_logging("info", log_format, stream=out)  # type: ignore[arg-type]
+    try:
+        password = "S3cr3t-Pa55"  # noqa: S105 - the secret the test looks for
+        raise RuntimeError(f"failed after {len(password)} characters")
+    except RuntimeError:
+        structlog.get_logger("test").exception("task_failed")
+    finally:
+        structlog.reset_defaults()
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)
+        logging.getLogger("pymodbus").setLevel(saved_library_level)
+    text = out.getvalue()
+    assert "task_failed" in text
+    assert "RuntimeError" in text
+    assert "S3cr3t-Pa55" not in text
+    if log_format == "json":
+        assert json.loads(text.splitlines()[-1])["event"] == "task_failed"
+
+
+async def test_wits0_junk_warned_once() -> None:
+    """Junk on a WITS0 link is logged as one warning with counts, not once per read."""
+    from structlog.testing import capture_logs
+
+    from buffer.reading import Reading
+    from config.model import Wits0Source
+    from drivers.wits0 import Wits0Driver
+
+    source = Wits0Source.model_validate({"name": "edr", "url": "tcp://127.0.0.1:5000"})
+    driver = Wits0Driver(source)
+    emitted: list[Reading] = []
+
+    async def emit(readings: object) -> None:
+        emitted.extend(readings)  # type: ignore[call-overload]
+
+    with capture_logs() as logs:
+        for _ in range(20):
+            await driver._received(b"\x00\xff garbage at the wrong baud rate \x13", emit)
+    warnings = [entry for entry in logs if entry["event"] == "wits0_bad_data"]
+    assert len(warnings) == 1
+    assert warnings[0]["new_junk_bytes"] > 0
+    assert warnings[0]["log_level"] == "warning"
+    assert emitted == []
