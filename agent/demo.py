@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import json
 import shutil
 import signal
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import TextIO
 
 import aiomqtt
+import httpx
+from cryptography.hazmat.primitives import serialization
 
 from agent.logs import configure_logging
 from agent.runtime import Agent
@@ -24,6 +27,7 @@ from agent.status import format_stats
 from config.model import Config
 from drivers.simulator import RigSimulator, simulator_points
 from drivers.wits0_simulator import Wits0Simulator
+from uplink.auth import generate_key_file
 
 __all__ = ["run_demo"]
 
@@ -31,6 +35,10 @@ DEMO_RIG_ID = "demo-rig"
 DEMO_POLL_INTERVAL = "500ms"
 DEMO_WITS0_INTERVAL = 1.0
 """Seconds between packets of the simulated EDR."""
+DEMO_DEVICE_ID = "demo-rig-edge"
+DEMO_CLOUD_INTERVAL = "1s"
+CLOUD_START_TIMEOUT = 20.0
+"""Seconds the reference service may take to respond to /healthz after it is started."""
 
 
 def run_demo(*, duration: float | None, data_dir: Path | None) -> int:
@@ -46,7 +54,8 @@ def run_demo(*, duration: float | None, data_dir: Path | None) -> int:
         log_file = stack.enter_context(log_path.open("a", encoding="utf-8"))
         configure_logging("info", "json", stream=log_file)
         broker = stack.enter_context(_DemoBroker(data_dir))
-        return asyncio.run(_demo(duration, data_dir, broker, log_path, keep_log=keep_log))
+        cloud = stack.enter_context(_DemoCloud(data_dir))
+        return asyncio.run(_demo(duration, data_dir, broker, cloud, log_path, keep_log=keep_log))
     return 0  # pragma: no cover - the with block always returns
 
 
@@ -57,10 +66,16 @@ class _Counters:
 
 
 async def _demo(
-    duration: float | None, data_dir: Path, broker: _DemoBroker, log_path: Path, *, keep_log: bool
+    duration: float | None,
+    data_dir: Path,
+    broker: _DemoBroker,
+    cloud: _DemoCloud,
+    log_path: Path,
+    *,
+    keep_log: bool,
 ) -> int:
     simulator, edr = await _start_simulators()
-    config = _demo_config(data_dir, simulator.port, edr.port, broker.port)
+    config = _demo_config(data_dir, simulator.port, edr.port, broker.port, cloud)
     agent = Agent(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -76,7 +91,9 @@ async def _demo(
             subscriber = group.create_task(_subscribe(broker.port, config.topic_prefix(), counters))
             while not stop.is_set():
                 elapsed = time.monotonic() - started
-                await _render(out, agent, broker, simulator.port, edr, counters, elapsed, duration)
+                await _render(
+                    out, agent, broker, cloud, simulator.port, edr, counters, elapsed, duration
+                )
                 if duration is not None and elapsed >= duration:
                     stop.set()
                     break
@@ -89,10 +106,15 @@ async def _demo(
         await simulator.stop()
 
     published = sum(s.published for s in agent.sinks)
+    uploaded = (
+        f"{agent.cloud_sink.uploaded} uploaded to the cloud service"
+        if agent.cloud_sink is not None
+        else "no cloud upload"
+    )
     print(
         f"\nDemo finished after {time.monotonic() - started:.0f} s: "
         f"{agent.writer.committed} readings buffered, {published} published to MQTT, "
-        f"{counters.received} received by the demo subscriber.",
+        f"{uploaded}, {counters.received} received by the demo subscriber.",
         file=out,
     )
     if keep_log:
@@ -113,33 +135,43 @@ async def _start_simulators() -> tuple[RigSimulator, Wits0Simulator]:
     return simulator, edr
 
 
-def _demo_config(data_dir: Path, modbus_port: int, wits0_port: int, mqtt_port: int) -> Config:
-    return Config.model_validate(
-        {
-            "agent": {"rig_id": DEMO_RIG_ID, "data_dir": str(data_dir), "metrics_listen": ""},
-            "buffer": {"commit_interval": "100ms"},
-            "sources": {
-                "modbus": [
-                    {
-                        "name": "rig-sim",
-                        "url": f"tcp://127.0.0.1:{modbus_port}",
-                        "unit_id": 1,
-                        "poll_interval": DEMO_POLL_INTERVAL,
-                        "timeout": "500ms",
-                        "points": simulator_points(),
-                    }
-                ],
-                "wits0": [
-                    {
-                        "name": "edr-sim",
-                        "url": f"tcp://127.0.0.1:{wits0_port}",
-                        "items": "standard-01",
-                    }
-                ],
-            },
-            "mqtt": {"url": f"mqtt://127.0.0.1:{mqtt_port}"},
+def _demo_config(
+    data_dir: Path, modbus_port: int, wits0_port: int, mqtt_port: int, cloud: _DemoCloud
+) -> Config:
+    settings: dict[str, object] = {
+        "agent": {"rig_id": DEMO_RIG_ID, "data_dir": str(data_dir), "metrics_listen": ""},
+        "buffer": {"commit_interval": "100ms"},
+        "sources": {
+            "modbus": [
+                {
+                    "name": "rig-sim",
+                    "url": f"tcp://127.0.0.1:{modbus_port}",
+                    "unit_id": 1,
+                    "poll_interval": DEMO_POLL_INTERVAL,
+                    "timeout": "500ms",
+                    "points": simulator_points(),
+                }
+            ],
+            "wits0": [
+                {
+                    "name": "edr-sim",
+                    "url": f"tcp://127.0.0.1:{wits0_port}",
+                    "items": "standard-01",
+                }
+            ],
+        },
+        "mqtt": {"url": f"mqtt://127.0.0.1:{mqtt_port}"},
+    }
+    if cloud.running:
+        settings["cloud"] = {
+            # Plain http is accepted for a loopback host, so the demo needs no certificate.
+            "url": cloud.url,
+            "device_id": DEMO_DEVICE_ID,
+            "private_key_file": str(cloud.key_file),
+            "batch_max_readings": 1000,
+            "interval": DEMO_CLOUD_INTERVAL,
         }
-    )
+    return Config.model_validate(settings)
 
 
 async def _subscribe(port: int, topic_prefix: str, counters: _Counters) -> None:
@@ -163,6 +195,7 @@ async def _render(
     out: TextIO,
     agent: Agent,
     broker: _DemoBroker,
+    cloud: _DemoCloud,
     modbus_port: int,
     edr: Wits0Simulator,
     counters: _Counters,
@@ -191,6 +224,7 @@ async def _render(
         f"WITS0: simulated EDR on 127.0.0.1:{edr.port}, one packet every "
         f"{DEMO_WITS0_INTERVAL:g} s, {edr.packets_sent} sent",
         mqtt_line,
+        _cloud_line(agent, cloud),
         f"buffered {agent.writer.committed}, published {sink.published}, "
         f"received by a subscriber {counters.received}",
         "",
@@ -199,9 +233,20 @@ async def _render(
     if out.isatty():
         out.write("\x1b[H\x1b[2J")
     else:
-        screen = screen[:5]
+        screen = screen[:6]
     out.write("\n".join(screen) + "\n")
     out.flush()
+
+
+def _cloud_line(agent: Agent, cloud: _DemoCloud) -> str:
+    sink = agent.cloud_sink
+    if sink is None:
+        return f"Cloud: {cloud.unavailable}, so the demo runs without the cloud uplink"
+    state = "connected" if sink.connected else "connecting"
+    return (
+        f"Cloud: reference service on {cloud.url}, {state}, uploaded {sink.uploaded}, "
+        f"quarantined {sink.quarantined}"
+    )
 
 
 class _DemoBroker:
@@ -242,6 +287,96 @@ class _DemoBroker:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+class _DemoCloud:
+    """The reference ingest service in a child process on a free loopback port, with a fresh key.
+
+    The service needs the optional `cloud` extra (FastAPI and uvicorn). Without
+    it, or when the service does not start, `running` is false and
+    `unavailable` contains the reason.
+    """
+
+    def __init__(self, data_dir: Path) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.key_file = data_dir / "device-key.pem"
+        self.keys_dir = data_dir / "keys"
+        self.db = data_dir / "cloud.sqlite3"
+        self.log_path = data_dir / "cloud.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.unavailable = ""
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def __enter__(self) -> _DemoCloud:
+        missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
+        if missing:
+            self.unavailable = (
+                f"{' and '.join(missing)} not installed (pip install 'rig-agent[cloud]')"
+            )
+            return self
+        try:
+            self._register_fresh_key()
+        except (OSError, ValueError) as exc:
+            self.unavailable = f"no device key could be made in {self.key_file}: {exc}"
+            return self
+        command = [sys.executable, "-m", "cloud.cli", "serve", "--host", "127.0.0.1"]
+        command += ["--port", str(self.port), "--db", str(self.db)]
+        command += ["--keys-dir", str(self.keys_dir), "--log-level", "warning"]
+        with self.log_path.open("ab") as log_file:
+            self.proc = subprocess.Popen(  # noqa: S603 - this interpreter, fixed arguments
+                command, stdout=log_file, stderr=subprocess.STDOUT
+            )
+        try:
+            self._wait_until_healthy(self.proc)
+        except RuntimeError as exc:
+            self.unavailable = str(exc)
+            self.__exit__()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+
+    def _register_fresh_key(self) -> None:
+        from cloud.auth import register_key
+
+        key = generate_key_file(self.key_file, overwrite=True)
+        public_pem = key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        self.keys_dir.mkdir(exist_ok=True)
+        register_key(self.keys_dir, public_pem)
+
+    def _wait_until_healthy(self, proc: subprocess.Popen[bytes]) -> None:
+        deadline = time.monotonic() + CLOUD_START_TIMEOUT
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                msg = (
+                    f"the reference service exited with code {proc.returncode} "
+                    f"(see {self.log_path})"
+                )
+                raise RuntimeError(msg)
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=0.5).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        msg = (
+            f"the reference service did not respond to {self.url}/healthz within "
+            f"{CLOUD_START_TIMEOUT:.0f} s (see {self.log_path})"
+        )
+        raise RuntimeError(msg)
 
 
 def _free_port() -> int:

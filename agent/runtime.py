@@ -62,7 +62,11 @@ class Agent:
         self.cloud_sink: CloudSink | None = None
         if config.cloud is not None and cloud_key is not None:
             self.cloud_sink = CloudSink(
-                config.cloud, rig_id=config.agent.rig_id, buffer=self.buffer, key=cloud_key
+                config.cloud,
+                rig_id=config.agent.rig_id,
+                buffer=self.buffer,
+                key=cloud_key,
+                max_delay=config.cloud.retry_max_delay,
             )
         self.started = asyncio.Event()
 

@@ -17,6 +17,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPBearer
 from pydantic import BaseModel
+from starlette.requests import ClientDisconnect
 
 from cloud.auth import AuthError, KeyRegistry, TokenVerifier
 from cloud.faults import Fault, FaultPlan
@@ -187,6 +188,10 @@ async def post_readings(
         _check_rejected_seq(service.faults, batch)
     except IngestRejected as exc:
         return await service.reject(claims.device_id, exc)
+    except ClientDisconnect:
+        # The device gave up mid-upload (it stopped, or its link dropped); it will resend.
+        log.info("client_disconnected", device_id=claims.device_id)
+        return Response(status_code=400)
 
     result = await service.store.add_batch(
         batch.device_id, batch.rig_id, batch.readings, idempotency_key
