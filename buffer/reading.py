@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import math
 import time
 from dataclasses import dataclass
 
-__all__ = ["Quality", "Reading", "StoredReading", "format_ts", "now_us"]
+__all__ = ["Quality", "Reading", "StoredReading", "format_ts", "now_us", "reading_to_json"]
 
 
 class Quality(enum.StrEnum):
@@ -57,3 +58,22 @@ def format_ts(ts_us: int) -> str:
     seconds, micros = divmod(ts_us, 1_000_000)
     base = dt.datetime.fromtimestamp(seconds, tz=dt.UTC)
     return f"{base:%Y-%m-%dT%H:%M:%S}.{micros:06d}Z"
+
+
+def reading_to_json(reading: StoredReading) -> dict[str, object]:
+    """Return a stored reading as the JSON object both uplinks send.
+
+    JSON has no NaN or infinity, so such a value, like the value of a bad
+    reading, is sent as null with its quality unchanged.
+    """
+    value = reading.value
+    if reading.quality is Quality.BAD or value is None or not math.isfinite(value):
+        value = None
+    return {
+        "seq": reading.seq,
+        "ts": format_ts(reading.ts_us),
+        "channel": reading.channel,
+        "value": value,
+        "unit": reading.unit,
+        "quality": str(reading.quality),
+    }

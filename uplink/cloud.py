@@ -6,7 +6,6 @@ import asyncio
 import email.utils
 import gzip
 import json
-import math
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -17,7 +16,7 @@ import httpx
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePrivateKey
 
-from buffer.reading import Quality, StoredReading, format_ts
+from buffer.reading import StoredReading, reading_to_json
 from config.model import CloudSection
 from uplink.auth import DeviceAuth, TokenMinter
 from uplink.mqtt import BufferLike, reconnect_delay
@@ -58,26 +57,9 @@ def build_body(device_id: str, rig_id: str, readings: Sequence[StoredReading]) -
     body = {
         "device_id": device_id,
         "rig_id": rig_id,
-        "readings": [
-            {
-                "seq": r.seq,
-                "ts": format_ts(r.ts_us),
-                "channel": r.channel,
-                "value": _json_value(r),
-                "unit": r.unit,
-                "quality": str(r.quality),
-            }
-            for r in readings
-        ],
+        "readings": [reading_to_json(r) for r in readings],
     }
     return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
-
-
-def _json_value(reading: StoredReading) -> float | None:
-    # JSON has no NaN or infinity, and the service rejects them, so they go as null.
-    if reading.quality is Quality.BAD or reading.value is None or not math.isfinite(reading.value):
-        return None
-    return reading.value
 
 
 def idempotency_key(device_id: str, readings: Sequence[StoredReading]) -> str:

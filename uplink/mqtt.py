@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import random
 import ssl
 import time
@@ -17,7 +16,7 @@ from typing import Any, NoReturn, Protocol
 import aiomqtt
 import structlog
 
-from buffer.reading import Quality, StoredReading, format_ts, now_us
+from buffer.reading import StoredReading, format_ts, now_us, reading_to_json
 from config.model import MqttSection
 
 __all__ = [
@@ -128,27 +127,9 @@ def build_payload(rig_id: str, readings: Sequence[StoredReading]) -> bytes:
     body = {
         "rig_id": rig_id,
         "source": readings[0].source,
-        "readings": [
-            {
-                "seq": r.seq,
-                "ts": format_ts(r.ts_us),
-                "channel": r.channel,
-                "value": _json_value(r),
-                "unit": r.unit,
-                "quality": str(r.quality),
-            }
-            for r in readings
-        ],
+        "readings": [reading_to_json(r) for r in readings],
     }
     return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
-
-
-def _json_value(reading: StoredReading) -> float | None:
-    # JSON has no NaN or infinity, so such a value is sent as null with its
-    # quality unchanged.
-    if reading.quality is Quality.BAD or reading.value is None or not math.isfinite(reading.value):
-        return None
-    return reading.value
 
 
 @dataclass(slots=True)
