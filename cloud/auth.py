@@ -45,7 +45,7 @@ JWK_SUFFIX = ".jwk.json"
 class AuthError(Exception):
     """A request's bearer token is missing or fails a check, so the service responds with 401.
 
-    `reason` is a short code for counting, the message says what failed and the fix.
+    `reason` is a short code for counting. The message names what failed and the fix.
     """
 
     def __init__(self, message: str, *, reason: str) -> None:

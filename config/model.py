@@ -836,7 +836,7 @@ class CloudSection(_Section):
     interval: Duration = 5.0
     token_lifetime: Duration = 300.0
     timeout: Duration = 30.0
-    # Cap of the jittered backoff after network errors and 5xx answers; a Retry-After
+    # Cap of the jittered backoff after network errors and 5xx responses. A Retry-After
     # from the service is honoured up to 5 minutes regardless.
     retry_max_delay: Duration = 60.0
     allow_insecure_http: bool = Field(default=False, strict=True)

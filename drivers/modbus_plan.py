@@ -94,9 +94,10 @@ def plan_requests(
     also stay within `max_registers`, or `max_bits` for coils and discrete
     inputs. Otherwise the point starts a new read. A point is never split.
 
-    Each read is extended as far as the caps allow: once a point cannot join
-    (its start is too far from the read's end, or its end too far from the
-    read's start), no later point can, because those start no earlier. That
+    Each read is extended as far as the caps allow. Once a point cannot join
+    the read, because its start is too far from the read's end or its end too
+    far from the read's start, no later point can join either, since later
+    points start no earlier. That
     this also gives the fewest reads is checked rather than proven: tests
     compare the count with a brute-force search over every partition of
     random layouts of up to 8 points.

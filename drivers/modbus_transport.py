@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import urlsplit
 
 from pymodbus import FramerType
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
+
+from drivers.serial_settings import SerialSettings, parse_serial_query
 
 __all__ = ["SERIAL_DEFAULTS", "Endpoint", "ModbusClient", "make_client", "parse_modbus_url"]
 
@@ -15,8 +17,7 @@ ModbusClient = AsyncModbusTcpClient | AsyncModbusSerialClient
 
 EndpointKind = Literal["tcp", "rtu", "rtu+tcp"]
 
-SERIAL_DEFAULTS = {"baudrate": 19200, "parity": "N", "stopbits": 1, "bytesize": 8}
-_PARITY_NAMES = {"n": "N", "none": "N", "e": "E", "even": "E", "o": "O", "odd": "O"}
+SERIAL_DEFAULTS = SerialSettings(baudrate=19200, parity="N", stopbits=1, bytesize=8)
 _BAUDRATES = (1200, 2400, 4800, 9600, 14400, 19200, 38400, 57600, 115200, 230400)
 _URL_FORMS = (
     '"tcp://host:502", "rtu+tcp://host:4001" or '
@@ -26,7 +27,7 @@ _URL_FORMS = (
 
 @dataclass(frozen=True, slots=True)
 class Endpoint:
-    """Where a Modbus device is reached: a TCP address or a serial port, and the framing."""
+    """Address of a Modbus device: a TCP host and port or a serial port, and the framing."""
 
     kind: EndpointKind
     host: str = ""
@@ -96,37 +97,17 @@ def _parse_serial(url: str) -> Endpoint:
             'with three slashes in all, such as "rtu:///dev/ttyUSB0?baudrate=19200"'
         )
         raise ValueError(msg)
-    settings: dict[str, object] = dict(SERIAL_DEFAULTS)
-    for key, value in parse_qsl(parts.query, keep_blank_values=True):
-        settings[key] = _serial_setting(url, key, value)
+    settings = parse_serial_query(
+        url, parts.query, defaults=SERIAL_DEFAULTS, baudrates=_BAUDRATES, protocol="Modbus"
+    )
     return Endpoint(
         kind="rtu",
         path=parts.path,
-        baudrate=int(str(settings["baudrate"])),
-        parity=_PARITY_NAMES[str(settings["parity"]).lower()],  # type: ignore[arg-type]
-        stopbits=int(str(settings["stopbits"])),
-        bytesize=int(str(settings["bytesize"])),
+        baudrate=settings.baudrate,
+        parity=settings.parity,
+        stopbits=settings.stopbits,
+        bytesize=settings.bytesize,
     )
-
-
-def _serial_setting(url: str, key: str, value: str) -> object:
-    allowed: dict[str, tuple[object, ...]] = {
-        "baudrate": tuple(str(b) for b in _BAUDRATES),
-        "parity": tuple(_PARITY_NAMES),
-        "stopbits": ("1", "2"),
-        "bytesize": ("7", "8"),
-    }
-    if key not in allowed:
-        msg = (
-            f"unknown setting {key!r} in serial Modbus URL {url!r}: "
-            "expected baudrate, parity, stopbits or bytesize"
-        )
-        raise ValueError(msg)
-    if value.lower() not in allowed[key]:
-        choices = ", ".join(str(a) for a in allowed[key])
-        msg = f"invalid {key} {value!r} in serial Modbus URL {url!r}: expected one of {choices}"
-        raise ValueError(msg)
-    return value
 
 
 def make_client(endpoint: Endpoint, timeout: float, name: str = "rig-agent") -> ModbusClient:

@@ -183,7 +183,7 @@ def packet_readings(
     own date and time take the first record's device time. A record whose date
     or time is invalid falls back to `received_us`, counted in
     `device_time_fallbacks`. The date and time items that set a timestamp are
-    not readings themselves; the other header items (xx01 to xx04, xx07) are
+    not readings themselves. The other header items (xx01 to xx04, xx07) are
     mapped like any item. Values equal to a null sentinel and bare codes
     produce no reading and are counted.
     """

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import urlsplit
+
+from drivers.serial_settings import SerialSettings, parse_serial_query
 
 __all__ = ["WITS0_SERIAL_DEFAULTS", "LinkKind", "Wits0Link", "parse_wits0_url"]
 
 LinkKind = Literal["serial", "tcp", "tcp-listen"]
 
 # 9600 8N1 is the default of WITS level 0 senders and of open-source readers.
-WITS0_SERIAL_DEFAULTS = {"baudrate": 9600, "parity": "N", "stopbits": 1, "bytesize": 8}
-_PARITY_NAMES = {"n": "N", "none": "N", "e": "E", "even": "E", "o": "O", "odd": "O"}
+WITS0_SERIAL_DEFAULTS = SerialSettings(baudrate=9600, parity="N", stopbits=1, bytesize=8)
 _BAUDRATES = (300, 600, 1200, 2400, 4800, 9600, 14400, 19200, 38400, 57600, 115200, 230400)
 _URL_FORMS = (
     '"serial:///dev/ttyS0?baudrate=9600&parity=N&stopbits=1&bytesize=8", '
@@ -88,38 +89,14 @@ def _parse_serial(url: str) -> Wits0Link:
             'with three slashes in all, such as "serial:///dev/ttyS0?baudrate=9600"'
         )
         raise ValueError(msg)
-    settings: dict[str, str] = {key: str(value) for key, value in WITS0_SERIAL_DEFAULTS.items()}
-    for key, value in parse_qsl(parts.query, keep_blank_values=True):
-        settings[key] = _serial_setting(url, key, value)
-    parity: Literal["N", "E", "O"] = "N"
-    parity_name = _PARITY_NAMES[settings["parity"].lower()]
-    if parity_name in ("E", "O"):
-        parity = "E" if parity_name == "E" else "O"
+    settings = parse_serial_query(
+        url, parts.query, defaults=WITS0_SERIAL_DEFAULTS, baudrates=_BAUDRATES, protocol="WITS0"
+    )
     return Wits0Link(
         kind="serial",
         path=parts.path,
-        baudrate=int(settings["baudrate"]),
-        parity=parity,
-        stopbits=int(settings["stopbits"]),
-        bytesize=int(settings["bytesize"]),
+        baudrate=settings.baudrate,
+        parity=settings.parity,
+        stopbits=settings.stopbits,
+        bytesize=settings.bytesize,
     )
-
-
-def _serial_setting(url: str, key: str, value: str) -> str:
-    allowed: dict[str, tuple[str, ...]] = {
-        "baudrate": tuple(str(rate) for rate in _BAUDRATES),
-        "parity": tuple(_PARITY_NAMES),
-        "stopbits": ("1", "2"),
-        "bytesize": ("7", "8"),
-    }
-    if key not in allowed:
-        msg = (
-            f"unknown setting {key!r} in serial WITS0 URL {url!r}: "
-            "expected baudrate, parity, stopbits or bytesize"
-        )
-        raise ValueError(msg)
-    if value.lower() not in allowed[key]:
-        choices = ", ".join(allowed[key])
-        msg = f"invalid {key} {value!r} in serial WITS0 URL {url!r}: expected one of {choices}"
-        raise ValueError(msg)
-    return value

@@ -1,4 +1,4 @@
-"""Shared fixtures: real peers started on loopback for each test that asks."""
+"""Shared fixtures: real peers started on loopback for each test that requests them."""
 
 from __future__ import annotations
 

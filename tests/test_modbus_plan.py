@@ -183,7 +183,7 @@ def test_plan_for_source_uses_bit_limit() -> None:
 
 
 def test_request_span_and_kind() -> None:
-    """A read shows its range as "table first..last" and tells whether it returns bits."""
+    """A read shows its range as "table first..last" and reports whether it returns bits."""
     request = ReadRequest("coil", 100, 10, ())
     assert request.span == "coil 100..109"
     assert request.is_bits

@@ -70,7 +70,7 @@ def idempotency_key(device_id: str, readings: Sequence[StoredReading]) -> str:
 def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
     """Return the seconds a `Retry-After` header requests, or None when absent or invalid.
 
-    The header holds either whole seconds or an HTTP date. A date in the past gives 0.
+    The header contains either whole seconds or an HTTP date. A date in the past gives 0.
     """
     if value is None:
         return None
