@@ -99,7 +99,42 @@ def _build_parser() -> _ArgumentParser:
     )
     _add_modbus_commands(commands)
     _add_wits0_commands(commands)
+    _add_witsml_commands(commands)
+    _add_export_command(commands)
+    _add_config_commands(commands)
     return parser
+
+
+def _add_config_commands(commands: argparse._SubParsersAction[_ArgumentParser]) -> None:
+    config = commands.add_parser(
+        "config", help="config tools: print the JSON Schema of the config file for editors"
+    )
+    actions = config.add_subparsers(dest="config_command", metavar="ACTION")
+    actions.add_parser(
+        "schema",
+        help="print the JSON Schema of the config file",
+        description="Print the JSON Schema (draft 2020-12) of the TOML config file. Editors "
+        "with a TOML language server (Taplo, Even Better TOML) use it to check keys and "
+        "values as you type; `rig-agent check-config FILE` remains the full check.",
+    )
+
+
+def _add_witsml_commands(commands: argparse._SubParsersAction[_ArgumentParser]) -> None:
+    from agent.witsml_tools import add_witsml_arguments
+
+    witsml = commands.add_parser(
+        "witsml",
+        help="WITSML 1.4.1.1 tools: check a log file against the schema and server rules",
+        usage_exit_code=EXIT_CONFIG,
+    )
+    actions = witsml.add_subparsers(dest="witsml_command", metavar="ACTION")
+    add_witsml_arguments(actions)
+
+
+def _add_export_command(commands: argparse._SubParsersAction[_ArgumentParser]) -> None:
+    from agent.export import add_export_arguments
+
+    add_export_arguments(commands)
 
 
 def _add_modbus_commands(commands: argparse._SubParsersAction[_ArgumentParser]) -> None:
@@ -250,7 +285,7 @@ def _main(argv: Sequence[str] | None) -> int:
     if unrecognized:
         # argparse reports unknown options from the top-level parser, so give it the
         # usage exit code of the command they were written after.
-        if args.command in ("modbus", "wits0"):
+        if args.command in ("modbus", "wits0", "witsml", "export"):
             parser.usage_exit_code = EXIT_CONFIG
         parser.error(f"unrecognized arguments: {' '.join(unrecognized)}")
     if args.command == "check-config":
@@ -271,6 +306,16 @@ def _main(argv: Sequence[str] | None) -> int:
         return _modbus(args)
     if args.command == "wits0":
         return _wits0(args)
+    if args.command == "witsml":
+        from agent.witsml_tools import run_witsml_command
+
+        return run_witsml_command(args)
+    if args.command == "config":
+        return _config(args)
+    if args.command == "export":
+        from agent.export import run_export_command
+
+        return run_export_command(args)
     return EXIT_CONFIG
 
 
@@ -316,6 +361,16 @@ def _wits0(args: argparse.Namespace) -> int:
             transmit_interval=args.transmit_interval,
         )
     print("rig-agent wits0: name an action: listen (see rig-agent wits0 --help)", file=sys.stderr)
+    return EXIT_CONFIG
+
+
+def _config(args: argparse.Namespace) -> int:
+    if args.config_command == "schema":
+        from config.schema import config_json_schema_text
+
+        sys.stdout.write(config_json_schema_text())
+        return EXIT_OK
+    print("rig-agent config: name an action: schema (see rig-agent config --help)", file=sys.stderr)
     return EXIT_CONFIG
 
 

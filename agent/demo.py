@@ -28,6 +28,7 @@ from config.model import Config
 from drivers.simulator import RigSimulator, simulator_points
 from drivers.wits0_simulator import Wits0Simulator
 from uplink.auth import generate_key_file
+from uplink.witsml_doc import format_time, parse_log_documents
 
 __all__ = ["run_demo"]
 
@@ -39,6 +40,19 @@ DEMO_DEVICE_ID = "demo-rig-edge"
 DEMO_CLOUD_INTERVAL = "1s"
 CLOUD_START_TIMEOUT = 20.0
 """Seconds the reference service may take to respond to /healthz after it is started."""
+DEMO_LOG_UID = "demo-rig-time"
+DEMO_WITSML_INTERVAL = "2s"
+DEMO_WITSML_CURVES: dict[str, dict[str, str]] = {
+    "rig-sim/hookload": {"mnemonic": "HKLA"},
+    "standpipe_pressure": {"mnemonic": "SPPA"},
+    "bit_depth": {"mnemonic": "DBTM"},
+    "edr-sim/TVA": {"mnemonic": "TVA", "description": "Active tank volume"},
+    "MFIA": {"mnemonic": "MFIA"},
+}
+"""Log curves from both simulators: three Modbus channels and two WITS0 record 01 items."""
+DEMO_WITSML_SHOWN_ROWS = 3
+SERVICE_QUERY_TIMEOUT = 0.5
+"""Seconds the demo screen waits for the reference service to return the stored log."""
 
 
 def run_demo(*, duration: float | None, data_dir: Path | None) -> int:
@@ -106,6 +120,7 @@ async def _demo(
         await simulator.stop()
 
     published = sum(s.published for s in agent.sinks)
+    witsml_rows = await _stored_witsml_rows(cloud) if agent.witsml_sink is not None else []
     uploaded = (
         f"{agent.cloud_sink.uploaded} uploaded to the cloud service"
         if agent.cloud_sink is not None
@@ -117,6 +132,8 @@ async def _demo(
         f"{uploaded}, {counters.received} received by the demo subscriber.",
         file=out,
     )
+    if witsml_rows:
+        print("\n".join(witsml_rows), file=out)
     if keep_log:
         print(f"Agent log: {log_path}", file=out)
     return 0
@@ -170,6 +187,18 @@ def _demo_config(
             "private_key_file": str(cloud.key_file),
             "batch_max_readings": 1000,
             "interval": DEMO_CLOUD_INTERVAL,
+        }
+        settings["witsml"] = {
+            "interval": DEMO_WITSML_INTERVAL,
+            "row_period": "1s",
+            "settle": "1s",
+            "well_uid": "demo-well",
+            "well_name": "Demo well 1H",
+            "wellbore_uid": "demo-wellbore",
+            "wellbore_name": "Demo well 1H OH",
+            "log_uid": DEMO_LOG_UID,
+            "log_name": "Demo rig time log",
+            "curves": DEMO_WITSML_CURVES,
         }
     return Config.model_validate(settings)
 
@@ -225,6 +254,7 @@ async def _render(
         f"{DEMO_WITS0_INTERVAL:g} s, {edr.packets_sent} sent",
         mqtt_line,
         _cloud_line(agent, cloud),
+        await _witsml_line(agent, cloud),
         f"buffered {agent.writer.committed}, published {sink.published}, "
         f"received by a subscriber {counters.received}",
         "",
@@ -233,7 +263,7 @@ async def _render(
     if out.isatty():
         out.write("\x1b[H\x1b[2J")
     else:
-        screen = screen[:6]
+        screen = screen[:7]
     out.write("\n".join(screen) + "\n")
     out.flush()
 
@@ -247,6 +277,54 @@ def _cloud_line(agent: Agent, cloud: _DemoCloud) -> str:
         f"Cloud: reference service on {cloud.url}, {state}, uploaded {sink.uploaded}, "
         f"quarantined {sink.quarantined}"
     )
+
+
+async def _witsml_line(agent: Agent, cloud: _DemoCloud) -> str:
+    sink = agent.witsml_sink
+    if sink is None:
+        return "WITSML: off, because the log goes to the cloud service, which is not running"
+    try:
+        async with httpx.AsyncClient(base_url=cloud.url, timeout=SERVICE_QUERY_TIMEOUT) as client:
+            response = await client.get("/v1/witsml/logs")
+        response.raise_for_status()
+        logs = response.json()["logs"]
+    except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+        stored = f"the service did not return its logs ({type(exc).__name__})"
+    else:
+        rows = next((entry["rows"] for entry in logs if entry.get("uid") == DEMO_LOG_UID), 0)
+        stored = f"the service stores {rows} rows"
+    return (
+        f"WITSML: log {DEMO_LOG_UID}, one row per second, {sink.rows_uploaded} rows uploaded "
+        f"in {sink.documents_uploaded} documents, {stored}"
+    )
+
+
+async def _stored_witsml_rows(cloud: _DemoCloud) -> list[str]:
+    """Return the newest rows of the demo log on the service as a small table, or []."""
+    try:
+        async with httpx.AsyncClient(base_url=cloud.url, timeout=5.0) as client:
+            response = await client.get(f"/v1/witsml/logs/{DEMO_LOG_UID}")
+        if response.status_code == httpx.codes.NOT_FOUND:
+            return [f"WITSML log {DEMO_LOG_UID}: no rows reached the service yet"]
+        response.raise_for_status()
+        (stored,) = parse_log_documents(response.content)
+    except (httpx.HTTPError, ValueError) as exc:
+        return [f"WITSML log {DEMO_LOG_UID}: not read from the service ({type(exc).__name__})"]
+    heads = ["time (UTC)"] + [f"{c.mnemonic} {c.unit}".strip() for c in stored.curves]
+    table = [heads]
+    for ts_us, values in stored.rows[-DEMO_WITSML_SHOWN_ROWS:]:
+        time_text = format_time(ts_us)
+        table.append([time_text, *(stored.header.null_value if v is None else v for v in values)])
+    widths = [max(len(line[i]) for line in table) for i in range(len(heads))]
+    lines = [
+        f"WITSML log {DEMO_LOG_UID} on the service: {len(stored.rows)} rows, the newest "
+        f"{min(DEMO_WITSML_SHOWN_ROWS, len(stored.rows))}:"
+    ]
+    lines += [
+        "  ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=True))
+        for line in table
+    ]
+    return lines
 
 
 class _DemoBroker:

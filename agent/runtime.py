@@ -22,6 +22,7 @@ from drivers.wits0 import Wits0Driver
 from uplink.auth import load_private_key, resolve_secret_path
 from uplink.cloud import CloudSink
 from uplink.mqtt import MqttSink
+from uplink.witsml import WitsmlSink
 
 __all__ = ["SHUTDOWN_BUDGET", "Agent"]
 
@@ -68,12 +69,24 @@ class Agent:
                 key=cloud_key,
                 max_delay=config.cloud.retry_max_delay,
             )
+        # [witsml] requires [cloud]: it posts to the same service with the same device key.
+        self.witsml_sink: WitsmlSink | None = None
+        if config.witsml is not None and config.cloud is not None and cloud_key is not None:
+            self.witsml_sink = WitsmlSink(
+                config.witsml,
+                config.cloud,
+                columns=config.witsml_columns(),
+                buffer=self.buffer,
+                key=cloud_key,
+                max_delay=config.cloud.retry_max_delay,
+            )
         self.started = asyncio.Event()
 
-    def all_sinks(self) -> list[MqttSink | CloudSink]:
-        """Return every enabled sink: the MQTT sink in `sinks`, then the cloud sink."""
+    def all_sinks(self) -> list[MqttSink | CloudSink | WitsmlSink]:
+        """Return every enabled sink: the MQTT sink in `sinks`, the cloud sink, the witsml sink."""
         cloud = [self.cloud_sink] if self.cloud_sink is not None else []
-        return [*self.sinks, *cloud]
+        witsml = [self.witsml_sink] if self.witsml_sink is not None else []
+        return [*self.sinks, *cloud, *witsml]
 
     async def _emit(self, readings: Sequence[Reading]) -> None:
         await self.writer.put(readings)

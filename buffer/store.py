@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import datetime as dt
 import enum
 import fcntl
 import functools
+import math
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -22,6 +26,7 @@ from buffer.reading import Quality, Reading, StoredReading, now_us
 
 __all__ = [
     "DB_FILENAME",
+    "MIN_MAX_BYTES",
     "Buffer",
     "BufferDatabaseError",
     "BufferInUseError",
@@ -56,10 +61,23 @@ CLEANUP_INTERVAL = 1.0
 COMPACT_INTERVAL = 60.0
 """Seconds between returning free pages to the filesystem and truncating the WAL."""
 DIR_MODE = 0o750
+MIN_MAX_BYTES = 1024**2
+"""Smallest accepted `max_bytes`: a smaller buffer would hold only seconds of readings."""
+ESTIMATED_ROW_BYTES = 64
+"""Disk bytes one reading is assumed to take in a commit; about 26 were measured per row."""
+DROP_LOG_INTERVAL = 60.0
+"""Seconds between two warnings about dropped readings of the same kind."""
+CAP_DELETE_ROUNDS = 20
+"""Most delete rounds one size check runs before it leaves the rest to the next commit."""
+SET_ASIDE_PREFIX = "buffer-corrupt-"
+"""Name prefix of a corrupt database file moved aside at open."""
+SET_ASIDE_LISTED = 10
+"""Newest set-aside paths included in `stats()` and `read_stats()`."""
 
 _QUALITY_CODES: dict[Quality, int] = {Quality.GOOD: 0, Quality.UNCERTAIN: 1, Quality.BAD: 2}
 _QUALITY_BY_CODE: dict[int, Quality] = {code: q for q, code in _QUALITY_CODES.items()}
 _CORRUPTION_CODES = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
+_DISK_ERROR_CODES = frozenset({sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR})
 
 # auto_vacuum must be set before journal_mode=WAL and before the first table is created,
 # otherwise SQLite silently keeps it off.
@@ -118,7 +136,23 @@ _UPSERT_CURSOR = """
 """
 _SELECT_CURSORS = "SELECT sink, seq FROM cursors"
 _DELETE_UP_TO = "DELETE FROM readings WHERE seq <= ?"
-_SELECT_COUNTER = "SELECT value FROM counters WHERE name = ?"
+_SELECT_COUNTERS = "SELECT name, value FROM counters"
+_ADD_TO_COUNTER = """
+    INSERT INTO counters (name, value) VALUES (?, ?)
+    ON CONFLICT (name) DO UPDATE SET value = value + excluded.value
+"""
+DROPPED_ROWS = "dropped_rows"
+"""Counter of rows deleted by the size cap before every enabled sink acknowledged them."""
+DROPPED_DISK_FULL = "dropped_disk_full"
+"""Counter of readings never written because the filesystem was full or failing."""
+LAST_DISK_FULL_US = "last_dropped_disk_full_us"
+"""Time of the newest drop counted in DROPPED_DISK_FULL, in microseconds since the epoch."""
+_RAISE_COUNTER_TO = """
+    INSERT INTO counters (name, value) VALUES (?, ?)
+    ON CONFLICT (name) DO UPDATE SET value = max(value, excluded.value)
+"""
+_DROPPED_ROWS_OF_SINK = "dropped_rows:{sink}"
+"""Counter, per sink, of rows above that sink's cursor deleted by the size cap."""
 _SELECT_CHANNEL_VALUES = """
     SELECT source, channel, unit, last_ts_us, last_value, last_quality
     FROM channels WHERE last_ts_us IS NOT NULL ORDER BY source, channel
@@ -147,6 +181,20 @@ _INSERT_QUARANTINE = """
         (sink, seq, ts_us, source, channel, value, unit, quality, status, reason, quarantined_us)
     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 """
+_CREATE_SET_ASIDE = """
+    CREATE TABLE IF NOT EXISTS set_aside (
+        id INTEGER PRIMARY KEY,
+        path TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        set_aside_us INTEGER NOT NULL
+    )
+"""
+_INSERT_SET_ASIDE = "INSERT INTO set_aside (path, reason, set_aside_us) VALUES (?, ?, ?)"
+_COUNT_SET_ASIDE = "SELECT count(*) FROM set_aside"
+_SELECT_SET_ASIDE_NEWEST = "SELECT path FROM set_aside ORDER BY id DESC LIMIT ?"
+_SELECT_SET_ASIDE_ALL = "SELECT path, reason, set_aside_us FROM set_aside ORDER BY id"
+_SEED_SEQUENCE = "INSERT INTO sqlite_sequence (name, seq) VALUES ('readings', ?)"
+_SELECT_MAX_SEQ = "SELECT max(seq) FROM readings"
 _COUNT_QUARANTINE = "SELECT count(*) FROM quarantine"
 _COUNT_QUARANTINE_OF_SINK = "SELECT count(*) FROM quarantine WHERE sink = ?"
 _SELECT_QUARANTINE_NEWEST = """
@@ -166,7 +214,15 @@ class BufferDatabaseError(Exception):
 
 
 class CorruptDatabaseError(BufferDatabaseError):
-    """SQLite reports the buffer file as corrupt or as not a database at all."""
+    """SQLite reports the buffer file as corrupt or as not a database at all.
+
+    `Buffer.open` moves such a file aside and raises this only when that fails.
+    """
+
+    def __init__(self, path: Path, message: str, cause: str) -> None:
+        self.cause = cause
+        """What SQLite reported, without the advice of the message."""
+        super().__init__(path, message)
 
 
 class ForeignDatabaseError(BufferDatabaseError):
@@ -197,6 +253,8 @@ class SinkStats:
     cursor: int
     depth: int
     """Readings in the buffer with `seq` above the cursor."""
+    dropped_buffer_full: int = 0
+    """Readings above this sink's cursor that the size cap deleted before delivery."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,13 +283,23 @@ class BufferStats:
     last_seq: int
     rows: int
     dropped_rows: int
+    """Readings the size cap deleted before every enabled sink had acknowledged them."""
     db_bytes: int
+    """Size of the database file and its WAL file on disk."""
     sinks: list[SinkStats] = field(default_factory=list)
     channels: list[ChannelValue] = field(default_factory=list)
     quarantined: int = 0
     """Readings in the quarantine table, of every sink."""
     quarantine_newest: list[QuarantinedReading] = field(default_factory=list)
     """The newest quarantined readings, newest first."""
+    dropped_disk_full: int = 0
+    """Readings never written because the filesystem was full, short of space or failing."""
+    last_disk_full_us: int | None = None
+    """When the newest of those readings was dropped, in microseconds since the epoch."""
+    corrupt_databases_set_aside: int = 0
+    """Corrupt database files moved aside at open and replaced by a new database."""
+    set_aside_paths: list[str] = field(default_factory=list)
+    """Paths the files were moved to, newest first."""
 
 
 class _State(enum.Enum):
@@ -263,12 +331,84 @@ def check_reading(reading: Reading) -> None:
             raise TypeError(message)
 
 
+@dataclass(frozen=True, slots=True)
+class _SizeBudget:
+    """Split of a `max_bytes` cap between the main database file and its WAL."""
+
+    max_bytes: int
+    wal_bytes: int
+    """WAL size that `journal_size_limit` truncates to after a checkpoint resets the WAL."""
+    data_bytes: int
+    """Bytes of used pages in the main file above which the oldest rows are deleted."""
+    low_water: int
+    """Bytes of used pages that the deletes go down to, so they do not run on every commit."""
+    checkpoint_pages: int
+    """`wal_autocheckpoint`: WAL pages after which a commit copies the WAL into the main file."""
+
+    @classmethod
+    def for_cap(cls, max_bytes: int, page_size: int) -> _SizeBudget:
+        # The WAL peaks at about checkpoint_pages plus one transaction before the next
+        # commit resets it, so half of its share is left for that transaction.
+        wal_bytes = min(JOURNAL_SIZE_LIMIT, max_bytes // 8)
+        checkpoint_pages = max(1, min(1000, wal_bytes // (2 * page_size)))
+        data_bytes = max_bytes - wal_bytes
+        low_water = data_bytes - max(4 * page_size, data_bytes // 1024)
+        return cls(max_bytes, wal_bytes, data_bytes, low_water, checkpoint_pages)
+
+
+class _RepeatedEvent:
+    """Counts a repeated event so that it is logged at once, then at most once per interval."""
+
+    def __init__(self, interval: float) -> None:
+        self._interval = interval
+        self._last_logged = -math.inf
+        self.unlogged = 0
+        """Events counted since the last log line."""
+
+    def count(self, events: int) -> bool:
+        """Add events and return whether a log line is due now."""
+        self.unlogged += events
+        now = time.monotonic()
+        if now - self._last_logged < self._interval:
+            return False
+        self._last_logged = now
+        return True
+
+    def take(self) -> int:
+        """Return the events counted since the last log line and start counting again."""
+        events, self.unlogged = self.unlogged, 0
+        return events
+
+
+@dataclass(frozen=True, slots=True)
+class _SetAside:
+    """A corrupt database file moved aside at open, to be recorded in the new database."""
+
+    path: Path
+    reason: str
+    seq_floor: int
+    """The new database hands out seq values above this one."""
+    earlier: list[tuple[str, str, int]]
+    """Rows of the set_aside table still readable in the corrupt file."""
+
+
 class Buffer:
     """Store-and-forward buffer in `data_dir/buffer.sqlite3`.
 
     `sinks` are the enabled sinks: rows acknowledged by all of them are
     deleted in the background. With no enabled sink nothing is deleted.
     Every database call runs on one dedicated thread that owns the connection.
+
+    `max_bytes` caps the database file plus its WAL: past it, the oldest rows
+    are deleted even if a sink has not acknowledged them, and each sink's
+    loss is counted. A commit may overshoot the cap by about one batch.
+    `min_free_bytes` is free space the buffer leaves on its filesystem: a
+    batch that would cut into it is not written but counted as dropped, and
+    so is a batch that fails with a full disk or an I/O error. With
+    `min_free_bytes` 0, only the errors of SQLite drop a batch.
+
+    At open, a corrupt database is moved aside as `buffer-corrupt-<UTC time>.db`
+    and replaced by a new one, whose seq values continue above the old ones.
     """
 
     def __init__(
@@ -276,12 +416,26 @@ class Buffer:
         data_dir: Path,
         sinks: Sequence[str],
         *,
+        max_bytes: int | None = None,
+        min_free_bytes: int = 0,
         cleanup_interval: float = CLEANUP_INTERVAL,
         compact_interval: float = COMPACT_INTERVAL,
     ) -> None:
+        if max_bytes is not None and max_bytes < MIN_MAX_BYTES:
+            message = (
+                f"buffer max_bytes is {max_bytes} bytes: expected at least {MIN_MAX_BYTES} "
+                "(1 MiB), because a smaller buffer holds only seconds of readings. "
+                "Raise buffer.max_bytes, or leave it out for the default"
+            )
+            raise ValueError(message)
+        if min_free_bytes < 0:
+            message = f"buffer min_free_bytes is {min_free_bytes}: expected 0 or more bytes"
+            raise ValueError(message)
         self.data_dir = Path(data_dir)
         self.path = self.data_dir / DB_FILENAME
         self.sinks = tuple(sinks)
+        self.max_bytes = max_bytes
+        self.min_free_bytes = min_free_bytes
         self._cleanup_interval = cleanup_interval
         self._compact_interval = compact_interval
         self._state = _State.NEW
@@ -298,6 +452,21 @@ class Buffer:
         self._lock_file: TextIO | None = None
         self._channel_ids: dict[tuple[str, str], int] = {}
         self._deleted_up_to = 0
+        self._page_size = 4096
+        self._budget: _SizeBudget | None = None
+        self._set_aside: _SetAside | None = None
+        # Readings dropped for lack of disk space whose counter update has not been
+        # written yet: it is added to the next transaction that succeeds.
+        self._unsaved_disk_drops = 0
+        self._last_disk_drop_us: int | None = None
+        # Totals as stored in the counters table, kept for the log lines.
+        self._dropped_rows = 0
+        self._dropped_by_sink: dict[str, int] = {}
+        self._dropped_disk_full = 0
+        self._cap_log = _RepeatedEvent(DROP_LOG_INTERVAL)
+        self._disk_log = _RepeatedEvent(DROP_LOG_INTERVAL)
+        self._cap_error_log = _RepeatedEvent(DROP_LOG_INTERVAL)
+        self._dropping_batches = False
 
     async def __aenter__(self) -> Self:
         await self.open()
@@ -328,7 +497,13 @@ class Buffer:
             raise
         self._state = _State.OPEN
         self._cleanup_task = asyncio.create_task(self._cleanup_loop(), name="buffer-cleanup")
-        log.info("buffer_opened", path=str(self.path), last_seq=self._last_seq)
+        log.info(
+            "buffer_opened",
+            path=str(self.path),
+            last_seq=self._last_seq,
+            max_bytes=self.max_bytes,
+            min_free_bytes=self.min_free_bytes,
+        )
 
     async def aclose(self) -> None:
         """Finish background work, close the connection and stop the thread."""
@@ -341,7 +516,7 @@ class Buffer:
         executor = self._executor
         if executor is not None:
             try:
-                await asyncio.get_running_loop().run_in_executor(executor, self._close_sync)
+                await asyncio.get_running_loop().run_in_executor(executor, self._shutdown_sync)
             finally:
                 executor.shutdown(wait=True)
                 self._executor = None
@@ -358,8 +533,12 @@ class Buffer:
     async def append(self, readings: Sequence[Reading]) -> tuple[int, int]:
         """Insert readings in one transaction; return the first and last `seq` given.
 
-        An empty batch touches nothing and returns `(last_seq + 1, last_seq)`. The
-        transaction completes on the SQLite thread even if the caller is cancelled.
+        An empty batch touches nothing and returns `(last_seq + 1, last_seq)`. So
+        does a batch dropped for lack of disk space (below `min_free_bytes`, disk
+        full or an I/O error): it is counted in `stats().dropped_disk_full` and
+        logged, and does not raise. After the commit, rows over `max_bytes` are
+        deleted oldest first. The transaction completes on the SQLite thread even
+        if the caller is cancelled.
         """
         self._require_open()
         if not readings:
@@ -439,7 +618,10 @@ class Buffer:
         return await self._call(functools.partial(self._quarantined_count_sync, sink))
 
     async def stats(self) -> BufferStats:
-        """Return a snapshot of depths, counters and the newest value per channel."""
+        """Return a snapshot of depths, counters and the newest value per channel.
+
+        `dropped_disk_full` includes drops whose counter could not be written yet.
+        """
         self._require_open()
         return await self._call(self._stats_sync)
 
@@ -516,14 +698,91 @@ class Buffer:
         self._lock_file = _lock_data_dir(self.data_dir)
         try:
             try:
-                self._conn = sqlite3.connect(self.path, isolation_level=None)
-            except sqlite3.Error as exc:
-                raise _open_error(self.path, exc) from exc
-            _open_schema(self._conn, self.path)
-            self._load_state(self._conn)
+                self._open_database_sync()
+            except CorruptDatabaseError as exc:
+                self._open_replacement_sync(exc)
         except BaseException:
             self._close_sync()
             raise
+
+    def _open_database_sync(self) -> None:
+        try:
+            self._conn = sqlite3.connect(self.path, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise _open_error(self.path, exc) from exc
+        _open_schema(self._conn, self.path)
+        try:
+            if self._set_aside is not None:
+                _record_set_aside(self._conn, self._set_aside)
+            self._load_state(self._conn)
+            self._apply_size_limits(self._conn)
+        except sqlite3.Error as exc:
+            raise _open_error(self.path, exc) from exc
+        self._enforce_size_cap(self._conn)
+
+    def _open_replacement_sync(self, error: CorruptDatabaseError) -> None:
+        """Move a corrupt database aside and open a new one in its place.
+
+        Destinations remove duplicates by seq, so they would discard new readings
+        that reused old seq values. The new database therefore starts above the
+        highest seq still readable in the corrupt file. When none is readable, it
+        starts above the current time in microseconds, which is above every old
+        seq unless the old buffer stored more than one reading per microsecond
+        on average since it was created.
+        """
+        # NOTE: with an unreadable file and a system clock set far back, seq values
+        # of the old database can be handed out again.
+        salvaged = self._salvage_last_seq()
+        earlier = self._salvage_set_aside()
+        self._close_connection()
+        try:
+            moved_to = _move_aside(self.path)
+        except OSError as exc:
+            message = (
+                f"buffer database {self.path} is corrupt ({error.cause}), and moving it aside "
+                f"failed: {exc}. Stop the agent, move the file and its -wal and -shm files "
+                "aside by hand, and start again"
+            )
+            raise CorruptDatabaseError(self.path, message, error.cause) from exc
+        seq_floor = now_us() if salvaged is None else salvaged
+        self._set_aside = _SetAside(moved_to, error.cause, seq_floor, earlier)
+        log.error(
+            "buffer_corrupt_set_aside",
+            path=str(self.path),
+            moved_to=str(moved_to),
+            error=error.cause,
+            seq_floor=seq_floor,
+            seq_floor_from="old database" if salvaged is not None else "clock",
+        )
+        self._open_database_sync()
+
+    def _salvage_last_seq(self) -> int | None:
+        """Return the highest seq that can still be read from the open corrupt file."""
+        if self._conn is None:
+            return None
+        found: list[int] = []
+        for query in (_SELECT_LAST_SEQ, _SELECT_MAX_SEQ):
+            try:
+                row = self._conn.execute(query).fetchone()
+            except sqlite3.Error:
+                continue
+            # A corrupt page may hold any number. One near the 64-bit limit would make
+            # every later insert fail, so such a value is not trusted.
+            if row is not None and isinstance(row[0], int) and 0 <= row[0] < 2**62:
+                found.append(row[0])
+        return max(found, default=None)
+
+    def _salvage_set_aside(self) -> list[tuple[str, str, int]]:
+        """Return the set_aside rows of the open corrupt file, or [] when unreadable."""
+        if self._conn is None:
+            return []
+        try:
+            return [
+                (str(path), str(reason), int(set_aside_us))
+                for path, reason, set_aside_us in self._conn.execute(_SELECT_SET_ASIDE_ALL)
+            ]
+        except (sqlite3.Error, TypeError, ValueError):
+            return []
 
     def _load_state(self, conn: sqlite3.Connection) -> None:
         self._last_seq = _fetch_last_seq(conn)
@@ -534,11 +793,39 @@ class Buffer:
         }
         low, _high = conn.execute(_SELECT_SEQ_RANGE).fetchone()
         self._deleted_up_to = self._last_seq if low is None else low - 1
+        counters: dict[str, int] = dict(conn.execute(_SELECT_COUNTERS).fetchall())
+        self._dropped_rows = counters.get(DROPPED_ROWS, 0)
+        self._dropped_disk_full = counters.get(DROPPED_DISK_FULL, 0)
+        self._dropped_by_sink = {
+            sink: counters.get(_DROPPED_ROWS_OF_SINK.format(sink=sink), 0) for sink in self.sinks
+        }
+
+    def _apply_size_limits(self, conn: sqlite3.Connection) -> None:
+        self._page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
+        if self.max_bytes is None:
+            return
+        budget = _SizeBudget.for_cap(self.max_bytes, self._page_size)
+        conn.execute(f"PRAGMA journal_size_limit = {budget.wal_bytes}")
+        conn.execute(f"PRAGMA wal_autocheckpoint = {budget.checkpoint_pages}")
+        self._budget = budget
+
+    def _shutdown_sync(self) -> None:
+        if self._conn is not None and self._unsaved_disk_drops:
+            self._save_disk_drops(self._conn)
+        if self._cap_log.unlogged:
+            self._log_cap_drops()
+        if self._disk_log.unlogged:
+            self._log_disk_drops({})
+        self._close_sync()
+
+    def _close_connection(self) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
 
     def _close_sync(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        self._close_connection()
         if self._lock_file is not None:
             # Closing the file releases the flock.
             self._lock_file.close()
@@ -548,9 +835,34 @@ class Buffer:
         for reading in readings:
             check_reading(reading)
         conn = self._connection()
+        nothing = (self._last_seq + 1, self._last_seq)
+        shortage = self._space_shortage(len(readings))
+        if shortage is not None:
+            self._drop_batch(conn, len(readings), shortage)
+            return nothing
+        try:
+            first_last = self._insert_sync(conn, readings)
+        except sqlite3.Error as exc:
+            if not _is_disk_error(exc):
+                raise
+            self._drop_batch(conn, len(readings), {"error": str(exc)})
+            return nothing
+        if self._dropping_batches:
+            self._dropping_batches = False
+            log.info(
+                "buffer_disk_space_recovered",
+                path=str(self.path),
+                dropped=self._disk_log.take(),
+                dropped_total=self._dropped_disk_full + self._unsaved_disk_drops,
+            )
+        self._enforce_size_cap(conn)
+        return first_last
+
+    def _insert_sync(self, conn: sqlite3.Connection, readings: list[Reading]) -> tuple[int, int]:
         new_channels: dict[tuple[str, str], int] = {}
         newest: dict[int, Reading] = {}
         rows: list[tuple[int, int, float | None, int]] = []
+        unsaved_drops = self._unsaved_disk_drops
 
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -570,6 +882,8 @@ class Buffer:
                     for channel_id, r in newest.items()
                 ],
             )
+            if unsaved_drops:
+                self._write_disk_drops(conn, unsaved_drops)
             last_seq = _fetch_last_seq(conn)
             conn.execute("COMMIT")
         except BaseException:
@@ -579,8 +893,175 @@ class Buffer:
         # Channel ids become visible only once committed: a rolled-back id may be reused.
         self._channel_ids.update(new_channels)
         self._last_seq = last_seq
+        self._dropped_disk_full += unsaved_drops
+        self._unsaved_disk_drops -= unsaved_drops
         self._notify_loop()
         return last_seq - len(readings) + 1, last_seq
+
+    # Free space on the filesystem.
+
+    def _space_shortage(self, count: int) -> dict[str, object] | None:
+        """Return log fields when a commit of `count` readings would cut into min_free_bytes."""
+        if self.min_free_bytes == 0:
+            return None
+        try:
+            fs = os.statvfs(self.data_dir)
+        except OSError:
+            # The commit is tried anyway: a full disk then shows as an SQLite error.
+            return None
+        free_bytes = fs.f_bavail * fs.f_frsize
+        # NOTE: every batch is counted as new disk space, even though SQLite often
+        # reuses free pages and WAL space, so batches are dropped as soon as free
+        # space falls under min_free_bytes plus one batch.
+        needed_bytes = _estimate_commit_bytes(count, self._page_size)
+        if free_bytes - needed_bytes >= self.min_free_bytes:
+            return None
+        return {"free_bytes": free_bytes, "needed_bytes": needed_bytes}
+
+    def _drop_batch(self, conn: sqlite3.Connection, count: int, fields: dict[str, object]) -> None:
+        self._unsaved_disk_drops += count
+        self._last_disk_drop_us = now_us()
+        self._dropping_batches = True
+        self._save_disk_drops(conn)
+        if self._disk_log.count(count):
+            self._log_disk_drops(fields)
+
+    def _save_disk_drops(self, conn: sqlite3.Connection) -> None:
+        """Add the unsaved disk-full drops to their counter, or keep them for later."""
+        unsaved = self._unsaved_disk_drops
+        try:
+            # This small transaction often fits where a batch did not, as below min_free_bytes.
+            conn.execute("BEGIN IMMEDIATE")
+            self._write_disk_drops(conn, unsaved)
+            conn.execute("COMMIT")
+        except sqlite3.Error:
+            _rollback(conn)
+            return
+        self._dropped_disk_full += unsaved
+        self._unsaved_disk_drops = 0
+
+    def _write_disk_drops(self, conn: sqlite3.Connection, count: int) -> None:
+        conn.execute(_ADD_TO_COUNTER, (DROPPED_DISK_FULL, count))
+        if self._last_disk_drop_us is not None:
+            conn.execute(_RAISE_COUNTER_TO, (LAST_DISK_FULL_US, self._last_disk_drop_us))
+
+    def _log_disk_drops(self, fields: dict[str, object]) -> None:
+        log.warning(
+            "buffer_disk_full_dropped",
+            path=str(self.path),
+            dropped=self._disk_log.take(),
+            dropped_total=self._dropped_disk_full + self._unsaved_disk_drops,
+            not_yet_counted_on_disk=self._unsaved_disk_drops,
+            min_free_bytes=self.min_free_bytes,
+            **fields,
+        )
+
+    # The size cap.
+
+    def _enforce_size_cap(self, conn: sqlite3.Connection) -> None:
+        """Delete the oldest rows while the database is over its cap; log SQLite errors."""
+        budget = self._budget
+        if budget is None:
+            return
+        try:
+            if self._delete_over_cap(conn, budget):
+                self._shrink_after_delete(conn, budget)
+        except sqlite3.Error as exc:
+            if self._cap_error_log.count(1):
+                log.warning(
+                    "buffer_size_cap_failed",
+                    path=str(self.path),
+                    error=str(exc),
+                    error_type=type(exc).__name__,
+                    count=self._cap_error_log.take(),
+                )
+
+    def _delete_over_cap(self, conn: sqlite3.Connection, budget: _SizeBudget) -> int:
+        # Deleted rows leave free pages that later inserts reuse, so the used pages
+        # measure what the file needs, not the file size.
+        used = _used_bytes(conn, self._page_size)
+        if used <= budget.data_bytes:
+            return 0
+        deleted = 0
+        for _round in range(CAP_DELETE_ROUNDS):
+            rows = self._last_seq - self._deleted_up_to
+            excess = used - budget.low_water
+            if rows <= 0 or excess <= 0:
+                break
+            # Channel and quarantine rows count in `used`, so this overestimates the
+            # bytes per reading and the loop needs a few rounds rather than deleting too many.
+            row_bytes = max(1, used // rows)
+            count = min(rows, DELETE_CHUNK_ROWS, -(-excess // row_bytes))
+            self._delete_oldest(conn, count)
+            deleted += count
+            used = _used_bytes(conn, self._page_size)
+        nothing_left = self._last_seq == self._deleted_up_to
+        if used > budget.data_bytes and nothing_left and self._cap_error_log.count(1):
+            log.warning(
+                "buffer_size_cap_failed",
+                path=str(self.path),
+                error="no readings left to delete; quarantined readings take the space",
+                used_bytes=used,
+                allowed_bytes=budget.data_bytes,
+                count=self._cap_error_log.take(),
+            )
+        return deleted
+
+    def _delete_oldest(self, conn: sqlite3.Connection, count: int) -> None:
+        """Delete the `count` oldest readings and count what each enabled sink loses."""
+        start = self._deleted_up_to
+        up_to = start + count
+        lost = {}
+        for sink in self.sinks:
+            first_unacknowledged = max(self._cursors.get(sink, 0), start)
+            if up_to > first_unacknowledged:
+                lost[sink] = up_to - first_unacknowledged
+        acknowledged_by_all = min((self._cursors.get(sink, 0) for sink in self.sinks), default=0)
+        dropped = max(0, up_to - max(acknowledged_by_all, start))
+
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute(_DELETE_UP_TO, (up_to,))
+            if dropped:
+                conn.execute(_ADD_TO_COUNTER, (DROPPED_ROWS, dropped))
+            for sink, rows in lost.items():
+                conn.execute(_ADD_TO_COUNTER, (_DROPPED_ROWS_OF_SINK.format(sink=sink), rows))
+            conn.execute("COMMIT")
+        except BaseException:
+            _rollback(conn)
+            raise
+
+        self._deleted_up_to = up_to
+        self._dropped_rows += dropped
+        for sink, rows in lost.items():
+            self._dropped_by_sink[sink] = self._dropped_by_sink.get(sink, 0) + rows
+        if dropped and self._cap_log.count(dropped):
+            self._log_cap_drops()
+
+    def _log_cap_drops(self) -> None:
+        log.warning(
+            "buffer_full_dropped_oldest",
+            path=str(self.path),
+            max_bytes=self.max_bytes,
+            dropped=self._cap_log.take(),
+            dropped_total=self._dropped_rows,
+            dropped_by_sink=dict(self._dropped_by_sink),
+            oldest_seq_kept=self._deleted_up_to + 1,
+        )
+
+    def _shrink_after_delete(self, conn: sqlite3.Connection, budget: _SizeBudget) -> None:
+        """Shrink a main file that alone exceeds the cap, and a WAL over its share."""
+        page_count = int(conn.execute("PRAGMA page_count").fetchone()[0])
+        vacuumed = False
+        # Only a cap lowered since the file grew leaves the main file above max_bytes.
+        if page_count * self._page_size > budget.max_bytes:
+            free_pages = int(conn.execute("PRAGMA freelist_count").fetchone()[0])
+            pages = min(free_pages, page_count - budget.data_bytes // self._page_size)
+            if pages > 0:
+                conn.executescript(f"PRAGMA incremental_vacuum({pages});")
+                vacuumed = True
+        if vacuumed or _file_size(_wal_path(self.path)) > budget.wal_bytes:
+            self._checkpoint(conn)
 
     def _channel_id(
         self, conn: sqlite3.Connection, reading: Reading, new_channels: dict[tuple[str, str], int]
@@ -652,7 +1133,14 @@ class Buffer:
         return int(conn.execute(_COUNT_QUARANTINE_OF_SINK, (sink,)).fetchone()[0])
 
     def _stats_sync(self) -> BufferStats:
-        return _collect_stats(self._connection(), self.path, self.sinks)
+        stats = _collect_stats(self._connection(), self.path, self.sinks)
+        if not self._unsaved_disk_drops:
+            return stats
+        return dataclasses.replace(
+            stats,
+            dropped_disk_full=stats.dropped_disk_full + self._unsaved_disk_drops,
+            last_disk_full_us=self._last_disk_drop_us,
+        )
 
     def _delete_chunk_sync(self) -> tuple[int, bool]:
         if not self.sinks:
@@ -670,6 +1158,10 @@ class Buffer:
         # Through execute(), incremental_vacuum frees only one page per call, but
         # executescript() runs it to completion.
         conn.executescript("PRAGMA incremental_vacuum;")
+        self._checkpoint(conn)
+
+    def _checkpoint(self, conn: sqlite3.Connection) -> None:
+        """Copy the WAL into the main file and truncate the WAL file to zero bytes."""
         # A read transaction in another process (status) keeps the WAL from being reset.
         # Wait for it only briefly, because appends queue behind this call.
         conn.execute(f"PRAGMA busy_timeout = {CHECKPOINT_BUSY_TIMEOUT_MS}")
@@ -678,7 +1170,11 @@ class Buffer:
         finally:
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         log.debug(
-            "buffer_compacted", path=str(self.path), busy=busy, wal_pages=wal_pages, copied=copied
+            "buffer_checkpointed",
+            path=str(self.path),
+            busy=busy,
+            wal_pages=wal_pages,
+            copied=copied,
         )
 
 
@@ -718,7 +1214,8 @@ def _open_schema(conn: sqlite3.Connection, path: Path) -> None:
     """Check that the file is a buffer (or empty), set the pragmas and create the tables."""
     try:
         # Inspect before any pragma so that a foreign database is never modified.
-        _inspect_database(conn, path)
+        if _inspect_database(conn, path) != 0:
+            _quick_check(conn, path)
         for pragma in _PRAGMAS:
             conn.execute(pragma)
         journal_mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
@@ -732,14 +1229,78 @@ def _open_schema(conn: sqlite3.Connection, path: Path) -> None:
                 for statement in _SCHEMA:
                     conn.execute(statement)
             conn.execute(_CREATE_QUARANTINE)
+            conn.execute(_CREATE_SET_ASIDE)
             conn.execute("COMMIT")
         except BaseException:
             _rollback(conn)
             raise
     except sqlite3.Error as exc:
         raise _open_error(path, exc) from exc
-    # NOTE: a corrupt or foreign file stops the agent here. Moving it aside and starting
-    # a fresh buffer is left to the operator until automatic recovery exists.
+
+
+def _quick_check(conn: sqlite3.Connection, path: Path) -> None:
+    """Raise CorruptDatabaseError when `PRAGMA quick_check` finds damage.
+
+    quick_check reads every page of the file, so a large buffer opens more slowly.
+    """
+    # NOTE: a 74 MB buffer took 0.6 s with the file in the page cache (one x86 VM), so
+    # a full 2 GiB buffer may take 20 s or more to open, longer from cold flash storage.
+    started = time.monotonic()
+    rows = [str(row[0]) for row in conn.execute("PRAGMA quick_check(10)")]
+    log.debug("buffer_quick_check", path=str(path), seconds=round(time.monotonic() - started, 3))
+    if rows == ["ok"]:
+        return
+    # A row may hold several findings, one per line, after a "*** in database main ***" line.
+    findings = [line for row in rows for line in row.splitlines() if not line.startswith("***")]
+    cause = f"quick_check found: {'; '.join(findings[:3])}"
+    message = f"buffer database {path} is corrupt ({cause})"
+    raise CorruptDatabaseError(path, message, cause)
+
+
+def _record_set_aside(conn: sqlite3.Connection, aside: _SetAside) -> None:
+    """Store the set-aside file in a new database and start its seq above the old one."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if _fetch_last_seq(conn) < aside.seq_floor:
+            # The next insert takes the highest seq in sqlite_sequence plus one.
+            conn.execute("DELETE FROM sqlite_sequence WHERE name = 'readings'")
+            conn.execute(_SEED_SEQUENCE, (aside.seq_floor,))
+        conn.executemany(_INSERT_SET_ASIDE, aside.earlier)
+        conn.execute(_INSERT_SET_ASIDE, (str(aside.path), aside.reason, now_us()))
+        conn.execute("COMMIT")
+    except BaseException:
+        _rollback(conn)
+        raise
+
+
+def _move_aside(path: Path) -> Path:
+    """Rename a database file and its -wal and -shm files to buffer-corrupt-<UTC time>.db."""
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    target = path.with_name(f"{SET_ASIDE_PREFIX}{stamp}.db")
+    number = 1
+    while any(os.path.lexists(_sidecar(target, suffix)) for suffix in ("", "-wal", "-shm")):
+        number += 1
+        target = path.with_name(f"{SET_ASIDE_PREFIX}{stamp}-{number}.db")
+    # The WAL goes first: SQLite would read a WAL left next to the new database
+    # as part of it.
+    for suffix in ("-wal", "-shm", ""):
+        source = _sidecar(path, suffix)
+        if os.path.lexists(source):
+            source.rename(_sidecar(target, suffix))
+    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+    return target
+
+
+def _sidecar(path: Path, suffix: str) -> Path:
+    return path.with_name(path.name + suffix)
+
+
+def _wal_path(path: Path) -> Path:
+    return _sidecar(path, "-wal")
 
 
 def _inspect_database(conn: sqlite3.Connection, path: Path) -> int:
@@ -774,7 +1335,7 @@ def _open_error(path: Path, exc: sqlite3.Error) -> BufferDatabaseError:
             f"buffer database {path} is corrupt or not an SQLite database ({exc}). "
             "Stop the agent, move the file and its -wal and -shm files aside, and start again"
         )
-        return CorruptDatabaseError(path, message)
+        return CorruptDatabaseError(path, message, str(exc))
     message = (
         f"cannot use buffer database {path}: {exc}. "
         f"Check that the agent's user can read and write {path.parent}"
@@ -788,10 +1349,11 @@ def _collect_stats(conn: sqlite3.Connection, path: Path, sinks: Sequence[str]) -
     try:
         last_seq = _fetch_last_seq(conn)
         low, high = conn.execute(_SELECT_SEQ_RANGE).fetchone()
-        dropped_rows = conn.execute(_SELECT_COUNTER, ("dropped_rows",)).fetchone()[0]
+        counters: dict[str, int] = dict(conn.execute(_SELECT_COUNTERS).fetchall())
         cursors = dict(conn.execute(_SELECT_CURSORS).fetchall())
         channel_rows = conn.execute(_SELECT_CHANNEL_VALUES).fetchall()
         quarantined, quarantine_rows = _fetch_quarantine(conn)
+        set_aside_count, set_aside_paths = _fetch_set_aside(conn)
     finally:
         conn.execute("COMMIT")
 
@@ -802,7 +1364,8 @@ def _collect_stats(conn: sqlite3.Connection, path: Path, sinks: Sequence[str]) -
     for sink in sinks:
         cursor = cursors.get(sink, 0)
         depth = 0 if low is None else max(0, high - max(cursor, low - 1))
-        sink_stats.append(SinkStats(sink, cursor, depth))
+        dropped = counters.get(_DROPPED_ROWS_OF_SINK.format(sink=sink), 0)
+        sink_stats.append(SinkStats(sink, cursor, depth, dropped))
     channels = [
         ChannelValue(source, channel, unit, ts_us, value, _QUALITY_BY_CODE[quality])
         for source, channel, unit, ts_us, value, quality in channel_rows
@@ -810,13 +1373,27 @@ def _collect_stats(conn: sqlite3.Connection, path: Path, sinks: Sequence[str]) -
     return BufferStats(
         last_seq=last_seq,
         rows=rows,
-        dropped_rows=dropped_rows,
-        db_bytes=_file_size(path) + _file_size(path.with_name(path.name + "-wal")),
+        dropped_rows=counters.get(DROPPED_ROWS, 0),
+        db_bytes=_file_size(path) + _file_size(_wal_path(path)),
         sinks=sink_stats,
         channels=channels,
         quarantined=quarantined,
         quarantine_newest=quarantine_rows,
+        dropped_disk_full=counters.get(DROPPED_DISK_FULL, 0),
+        last_disk_full_us=counters.get(LAST_DISK_FULL_US),
+        corrupt_databases_set_aside=set_aside_count,
+        set_aside_paths=set_aside_paths,
     )
+
+
+def _fetch_set_aside(conn: sqlite3.Connection) -> tuple[int, list[str]]:
+    """Return the count of set-aside files and the newest paths; (0, []) without the table."""
+    tables = {row[0] for row in conn.execute(_SELECT_TABLES)}
+    if "set_aside" not in tables:
+        return 0, []
+    count = int(conn.execute(_COUNT_SET_ASIDE).fetchone()[0])
+    paths = [str(row[0]) for row in conn.execute(_SELECT_SET_ASIDE_NEWEST, (SET_ASIDE_LISTED,))]
+    return count, paths
 
 
 def _fetch_quarantine(conn: sqlite3.Connection) -> tuple[int, list[QuarantinedReading]]:
@@ -876,6 +1453,27 @@ def _rollback(conn: sqlite3.Connection) -> None:
     if conn.in_transaction:
         with contextlib.suppress(sqlite3.Error):
             conn.execute("ROLLBACK")
+
+
+def _used_bytes(conn: sqlite3.Connection, page_size: int) -> int:
+    """Return the bytes of main-file pages in use, counting pages held in the WAL too."""
+    page_count = int(conn.execute("PRAGMA page_count").fetchone()[0])
+    free_pages = int(conn.execute("PRAGMA freelist_count").fetchone()[0])
+    return (page_count - free_pages) * page_size
+
+
+def _estimate_commit_bytes(count: int, page_size: int) -> int:
+    """Return the disk bytes a commit of `count` readings may take, erring high."""
+    # Besides the new leaf pages, a commit rewrites a few pages: interior pages,
+    # the channels table and sqlite_sequence. Each WAL frame adds a 24-byte header.
+    pages = -(-count * ESTIMATED_ROW_BYTES // page_size) + 4
+    return pages * (page_size + 24)
+
+
+def _is_disk_error(exc: sqlite3.Error) -> bool:
+    """Return whether SQLite failed for a full disk or an I/O error (any extended code)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in _DISK_ERROR_CODES
 
 
 def _file_size(path: Path) -> int:

@@ -26,8 +26,10 @@ class BufferWriter:
 
     `run` commits everything pending in one transaction, at most once per
     `commit_interval` seconds, and `flush` commits at once. A reading stays
-    pending until a transaction that contains it has committed, so a failed
-    append is retried and nothing is dropped. `put` waits while `max_pending`
+    pending until the append that contains it has returned, so an append that
+    raises is retried. The buffer itself drops a batch when the disk is full or
+    short of space (the append then returns no seq range), and such readings
+    are counted in `dropped`, not retried. `put` waits while `max_pending`
     readings are pending.
 
     Shutdown: stop the producers, `await flush()`, then cancel `run`.
@@ -46,9 +48,10 @@ class BufferWriter:
         self._commit_interval = commit_interval
         self._max_pending = max_pending
         # The first `count` readings of a running append are still pending: they are
-        # removed only when their transaction has committed.
+        # removed only when the append returns, stored or dropped by the buffer.
         self._pending: list[Reading] = []
         self._committed = 0
+        self._dropped = 0
         self._has_pending = asyncio.Event()
         self._has_space = asyncio.Event()
         self._commit_lock = asyncio.Lock()
@@ -64,6 +67,11 @@ class BufferWriter:
     def committed(self) -> int:
         """Total readings this writer has committed to the buffer."""
         return self._committed
+
+    @property
+    def dropped(self) -> int:
+        """Total readings the buffer did not store for lack of disk space."""
+        return self._dropped
 
     async def put(self, readings: Sequence[Reading]) -> None:
         """Accept readings for the next commit, waiting while `max_pending` are pending.
@@ -144,6 +152,9 @@ class BufferWriter:
         self._in_flight = None
         if task.cancelled() or task.exception() is not None:
             return
+        first, last = task.result()
+        stored = max(0, last - first + 1)
         del self._pending[:count]
-        self._committed += count
+        self._committed += stored
+        self._dropped += count - stored
         self._has_space.set()

@@ -1,4 +1,4 @@
-"""The FastAPI app of the reference ingest service: readings upload, queries and test faults.
+"""The FastAPI app of the reference ingest service: readings and WITSML uploads, queries, faults.
 
 `uvicorn cloud.app:app` serves `app`, built from the `RIG_CLOUD_*` environment
 variables; `create_app(settings)` builds one from explicit settings.
@@ -15,15 +15,22 @@ import structlog
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
-from fastapi.security import HTTPBearer
 from pydantic import BaseModel
 from starlette.requests import ClientDisconnect
 
-from cloud.auth import AuthError, KeyRegistry, TokenVerifier
 from cloud.faults import Fault, FaultPlan
-from cloud.ingest import IngestRejected, ReadingBatch, body_too_large, parse_batch
-from cloud.settings import CloudSettings, sqlite_path
-from cloud.store import NO_DEVICE, ReadingStore
+from cloud.ingest import IngestRejected, ReadingBatch, parse_batch
+from cloud.service import (
+    BEARER,
+    Service,
+    ServiceDep,
+    error_response,
+    injected,
+    read_body,
+    start_upload,
+)
+from cloud.settings import CloudSettings
+from cloud.witsml import witsml_router
 
 __all__ = ["Service", "app", "create_app"]
 
@@ -31,8 +38,6 @@ log = structlog.get_logger(__name__)
 
 MAX_PAGE = 100_000
 """Most readings `GET /v1/devices/{device_id}/readings` returns in one page."""
-
-_BEARER = HTTPBearer(auto_error=False, description="ES256 device JWT")
 
 
 class IngestResult(BaseModel):
@@ -91,48 +96,6 @@ class ReadingsPage(BaseModel):
     """The `after_seq` of the next page, or null when this page is the last."""
 
 
-class Service:
-    """Everything a request handler needs: settings, store, token verifier and faults."""
-
-    def __init__(self, settings: CloudSettings) -> None:
-        self.settings = settings
-        self.store = ReadingStore(sqlite_path(settings.db))
-        self.verifier = TokenVerifier(
-            KeyRegistry(settings.keys_dir),
-            audience=settings.audience,
-            leeway_s=settings.leeway_s,
-            max_lifetime_s=settings.max_token_lifetime_s,
-        )
-        self.faults = FaultPlan()
-
-    async def reject(self, device_id: str, error: IngestRejected) -> JSONResponse:
-        """Count and log a rejected request and build its JSON error response."""
-        await self.store.count_rejection(device_id, error.reason)
-        log.warning(
-            "request_rejected",
-            status=error.status,
-            reason=error.reason,
-            device_id=device_id or None,
-            error=str(error),
-        )
-        return error_response(error)
-
-
-def error_response(error: IngestRejected) -> JSONResponse:
-    """Render an error as `{"detail": ..., "reason": ...}` with its status and headers."""
-    return JSONResponse(
-        {"detail": error.detail, "reason": error.reason},
-        status_code=error.status,
-        headers=error.headers,
-    )
-
-
-def _service(request: Request) -> Service:
-    service: Service = request.app.state.service
-    return service
-
-
-ServiceDep = Annotated[Service, Depends(_service)]
 router = APIRouter()
 test_router = APIRouter(prefix="/_test", tags=["test faults"])
 
@@ -140,7 +103,7 @@ test_router = APIRouter(prefix="/_test", tags=["test faults"])
 @router.post(
     "/v1/readings",
     response_model=IngestResult,
-    dependencies=[Depends(_BEARER)],
+    dependencies=[Depends(BEARER)],
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -166,22 +129,14 @@ async def post_readings(
     content_encoding: Annotated[str | None, Header()] = None,
 ) -> Response:
     """Store a batch of readings; readings already stored are counted as duplicates."""
-    fault = service.faults.take_status()
-    if fault is not None and not fault.after_store:
-        return await service.reject(NO_DEVICE, _injected(fault))
-    try:
-        claims = service.verifier.verify(request.headers.get("authorization"))
-    except AuthError as exc:
-        headers = {
-            "WWW-Authenticate": f'Bearer error="invalid_token", error_description="{exc.reason}"'
-        }
-        return await service.reject(
-            NO_DEVICE, IngestRejected(401, exc.reason, exc.message, headers)
-        )
+    start = await start_upload(service, request, "readings")
+    if isinstance(start, JSONResponse):
+        return start
+    claims, fault = start.claims, start.fault_after_store
 
     limit = service.settings.max_body_bytes
     try:
-        raw = await _read_body(request, limit)
+        raw = await read_body(request, limit)
         batch = await asyncio.to_thread(
             parse_batch, raw, content_encoding, limit=limit, device_id=claims.device_id
         )
@@ -206,27 +161,8 @@ async def post_readings(
     )
     if fault is not None:
         # The batch is stored but the device hears a failure, as when a response is lost.
-        return error_response(_injected(fault))
+        return error_response(injected(fault))
     return JSONResponse({"accepted": result.accepted, "duplicates": result.duplicates})
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    """Read the raw body, giving up with 413 once it passes `limit` bytes."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise body_too_large(limit)
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise body_too_large(limit)
-    return bytes(body)
-
-
-def _injected(fault: Fault) -> IngestRejected:
-    status = fault.status or 500  # only status faults reach here
-    headers = {"Retry-After": str(fault.retry_after)} if fault.retry_after is not None else None
-    return IngestRejected(status, "injected_fault", f"injected fault {status}", headers)
 
 
 def _check_rejected_seq(faults: FaultPlan, batch: ReadingBatch) -> None:
@@ -272,7 +208,7 @@ async def get_health(service: ServiceDep) -> dict[str, Any]:
 
 @test_router.post("/faults")
 async def add_faults(faults: list[Fault] | Fault, service: ServiceDep) -> dict[str, Any]:
-    """Queue faults for the next readings requests; return the faults still pending."""
+    """Queue faults for the next upload requests; return the faults still pending."""
     service.faults.add(faults if isinstance(faults, list) else [faults])
     log.info("faults_added", pending=service.faults.pending())
     return {"pending": service.faults.pending()}
@@ -315,10 +251,14 @@ def create_app(settings: CloudSettings | None = None) -> FastAPI:
     app = FastAPI(
         title="rig-agent reference ingest service",
         version="1",
-        description="Receives reading batches from rig agents that sign ES256 device tokens.",
+        description=(
+            "Receives reading batches and WITSML 1.4.1.1 logs from rig agents that sign "
+            "ES256 device tokens."
+        ),
         lifespan=lifespan,
     )
     app.include_router(router)
+    app.include_router(witsml_router)
     if resolved.test_faults:
         app.include_router(test_router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]

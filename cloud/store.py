@@ -1,4 +1,7 @@
-"""SQLite storage of the ingest service: readings unique per (device_id, seq), and counters."""
+"""SQLite storage of the ingest service: readings unique per (device_id, seq), logs, counters.
+
+The WITSML tables and queries live in `cloud.witsml_store`; this module runs them on its thread.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +15,10 @@ from typing import Any, TypeVar
 
 import structlog
 
+from cloud import witsml_store
 from cloud.ingest import ReadingIn
+from cloud.witsml_store import StoredLog, WitsmlResult
+from uplink.witsml_doc import ParsedLog
 
 __all__ = ["NO_DEVICE", "BatchResult", "ReadingStore"]
 
@@ -129,6 +135,27 @@ class ReadingStore:
         """Return up to `limit` stored readings of a device with seq above `after_seq`, by seq."""
         return await self._call(self._readings, device_id, after_seq, limit)
 
+    async def add_witsml(
+        self, device_id: str, idempotency_key: str, body: bytes, logs: Sequence[ParsedLog]
+    ) -> WitsmlResult:
+        """Merge the logs of a checked WITSML document and keep its body, in one transaction.
+
+        Raises WitsmlConflict, storing nothing, when the document does not fit a stored log.
+        """
+        return await self._call(self._add_witsml, device_id, idempotency_key, body, logs)
+
+    async def witsml_logs(self) -> list[dict[str, Any]]:
+        """Return uid, well and wellbore uids, name and row count of every stored log."""
+        return await self._call(self._witsml, witsml_store.list_logs)
+
+    async def witsml_log(self, uid: str) -> StoredLog | None:
+        """Return one stored log with all its rows, or None for an unknown uid."""
+        return await self._call(self._witsml, witsml_store.read_log, uid)
+
+    async def witsml_documents(self, after_id: int, limit: int) -> list[dict[str, Any]]:
+        """Return up to `limit` received WITSML documents with id above `after_id`, by id."""
+        return await self._call(self._witsml, witsml_store.document_page, after_id, limit)
+
     async def _call(self, func: Callable[..., T], *args: Any) -> T:
         if self._executor is None:
             msg = f"store {self.path} is not open: call open() first"
@@ -144,6 +171,7 @@ class ReadingStore:
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA busy_timeout=5000")
         conn.executescript(_SCHEMA)
+        conn.executescript(witsml_store.SCHEMA)
         self._conn = conn
 
     def _close(self) -> None:
@@ -177,6 +205,20 @@ class ReadingStore:
                     _RECORD_BATCH, (device_id, idempotency_key, accepted, duplicates, now, now)
                 )
         return BatchResult(accepted, duplicates)
+
+    def _add_witsml(
+        self, device_id: str, idempotency_key: str, body: bytes, logs: Sequence[ParsedLog]
+    ) -> WitsmlResult:
+        conn = self._db()
+        with conn:
+            result = witsml_store.add_document(
+                conn, device_id, idempotency_key, body, logs, time.time()
+            )
+            conn.execute(_COUNT_REQUEST, (device_id, 0))
+        return result
+
+    def _witsml(self, query: Callable[..., T], *args: Any) -> T:
+        return query(self._db(), *args)
 
     def _count_rejection(self, device_id: str, reason: str) -> None:
         conn = self._db()

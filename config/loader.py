@@ -19,7 +19,14 @@ from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails
 
-from config.model import NAME_PATTERN, CloudSection, Config, ModbusSource, Wits0Source
+from config.model import (
+    NAME_PATTERN,
+    CloudSection,
+    Config,
+    ModbusSource,
+    Wits0Source,
+    WitsmlSection,
+)
 from config.toml_lines import TomlLines, TomlPath
 from config.units import format_duration, format_size
 from drivers.modbus_plan import describe_plan, plan_for_source
@@ -297,6 +304,13 @@ def _missing_message(path: TomlPath, value: object, details: ErrorDetails) -> st
         keys = [f"{name} = {_placeholder(info)}" for name, info in _required_scalars(model)]
         with_keys = f" with {', '.join(keys)}" if keys else ""
         return f"missing required table; add [{_header(path)}]{with_keys}"
+    entry = _mapping_model(annotation)
+    if entry is not None:
+        keys = [f"{name} = {_placeholder(info)}" for name, info in _required_scalars(entry)]
+        return (
+            f"missing required table; add [{_header(path)}] with one line per entry, "
+            f"such as KEY = {{ {', '.join(keys)} }}"
+        )
     return f"missing required key; add {path[-1]} = {_placeholder(field)} to {table}"
 
 
@@ -660,6 +674,8 @@ def summarize(config: Config) -> str:
         )
     if config.cloud is not None:
         rows.extend(_cloud_rows(config.cloud))
+    if config.witsml is not None:
+        rows.extend(_witsml_rows(config, config.witsml))
     if not config.enabled_sinks():
         rows.append(("sinks", "none; readings stay in the local buffer"))
     width = max(len(label) for label, _ in rows) + 1
@@ -732,6 +748,26 @@ def _cloud_rows(cloud: CloudSection) -> list[tuple[str, str]]:
     if cloud.ca_file:
         settings.append(f"extra CA file {cloud.ca_file}")
     return [("sink cloud", ", ".join(settings)), ("cloud key", _key_status(cloud.private_key_file))]
+
+
+def _witsml_rows(config: Config, witsml: WitsmlSection) -> list[tuple[str, str]]:
+    """Describe the WITSML sink: its log, row and upload timing, then one line per curve."""
+    settings = [
+        f"log {witsml.log_uid} ({witsml.log_name})",
+        f"well {witsml.well_uid} ({witsml.well_name})",
+        f"wellbore {witsml.wellbore_uid} ({witsml.wellbore_name})",
+        f"rows of {format_duration(witsml.row_period)}",
+        f"upload every {format_duration(witsml.interval)}",
+        f"{format_duration(witsml.settle)} after a row ends",
+        f"up to {witsml.max_rows} rows per document",
+        f"null value {witsml.null_value}",
+    ]
+    rows = [("sink witsml", ", ".join(settings))]
+    for column in config.witsml_columns():
+        channel = f"{config.witsml_column_source(column)}/{column.channel}"
+        unit = f"[{column.unit}]" if column.unit else "(no unit)"
+        rows.append(("witsml curve", f"{channel} -> {column.mnemonic} {unit}"))
+    return rows
 
 
 def _key_status(setting: str) -> str:

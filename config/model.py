@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 import struct
 from contextvars import ContextVar
+from dataclasses import dataclass
 from datetime import UTC, tzinfo
 from difflib import get_close_matches
 from pathlib import Path
@@ -23,12 +25,13 @@ from pydantic import (
     StrictInt,
     TypeAdapter,
     ValidatorFunctionWrapHandler,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
 
-from config.units import ByteSize, Duration, NonNegativeDuration, format_duration
+from config.units import ByteSize, Duration, NonNegativeDuration, format_duration, format_size
 from drivers.modbus_transport import Endpoint, parse_modbus_url
 from drivers.modbus_types import (
     BIT_TABLES,
@@ -62,16 +65,26 @@ __all__ = [
     "Sources",
     "Wits0ItemMap",
     "Wits0Source",
+    "WitsmlColumn",
+    "WitsmlCurve",
+    "WitsmlSection",
 ]
+
+MIN_BUFFER_BYTES = 1024**2
+"""Smallest accepted buffer.max_bytes; the buffer refuses a smaller cap too."""
 
 NAME_PATTERN = r"^[A-Za-z0-9_.-]+$"
 """Names of rigs, sources and channels: letters, digits, '_', '.' and '-'."""
 
 
 def _suggestion(value: str, choices: tuple[str, ...] | list[str]) -> str:
-    """Return "; did you mean 'x'?" for the choice closest to a misspelt value, or ""."""
-    close = get_close_matches(value.lower(), choices, n=1)
-    return f"; did you mean {close[0]!r}?" if close else ""
+    """Return "; did you mean 'x'?" for the choice closest to a misspelt value, or "".
+
+    Letter case is ignored, so "dbtm" finds "DBTM".
+    """
+    by_folded = {choice.lower(): choice for choice in choices}
+    close = get_close_matches(value.lower(), list(by_folded), n=1)
+    return f"; did you mean {by_folded[close[0]]!r}?" if close else ""
 
 
 def _error_at(message: str, *at: str | int) -> PydanticCustomError:
@@ -88,7 +101,7 @@ class _Section(BaseModel):
     # Numbers are strict (`strict=True` on each field) so that `unit_id = true` or
     # `address = "100"` is an error rather than a silent conversion. The model as a
     # whole is not strict because strict mode rejects a string for a Path.
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
 class AgentSection(_Section):
@@ -105,9 +118,25 @@ class AgentSection(_Section):
 class BufferSection(_Section):
     """The `[buffer]` table: size cap and commit cadence of the SQLite buffer."""
 
-    # NOTE: accepted but not enforced yet; the buffer grows while a sink is down.
     max_bytes: ByteSize = 2 * 1024**3
+    """Maximum size of the database on disk; beyond it the oldest readings are deleted."""
     commit_interval: Duration = 0.1
+    min_free_bytes: ByteSize = 64 * 1024**2
+    """Free space that the buffer leaves on its filesystem.
+
+    Readings that would cut into it are dropped.
+    """
+
+    @field_validator("max_bytes")
+    @classmethod
+    def _useful_cap(cls, value: int) -> int:
+        if value < MIN_BUFFER_BYTES:
+            msg = (
+                f"max_bytes {format_size(value)} is too small to buffer an outage: "
+                f'expected at least "1MiB", and on a rig box usually "1GiB" or more'
+            )
+            raise ValueError(msg)
+        return value
 
 
 # The address of a point depends on `address_base`, a key of its source, but
@@ -935,6 +964,492 @@ class CloudSection(_Section):
         return self.url.rstrip("/")
 
 
+# --- The WITSML time log -----------------------------------------------------------
+
+_INDEX_MNEMONIC = "TIME"
+"""Mnemonic of the time index curve that the agent puts first in every log."""
+_FORBIDDEN_MNEMONIC_CHARS = "'\"<>/\\&,"
+"""Characters that WITSML 1.4.1.1 servers reject in a mnemonic.
+
+The comma also separates the entries of mnemonicList.
+"""
+_FORBIDDEN_UID_CHARS = "'\"<>&,/\\"
+"""Characters kept out of uids: they need escaping in XML, separate list entries, or split the
+path of a URL such as /v1/witsml/logs/{uid}."""
+_UNSAFE_UID_CHAR = re.compile(r"[^A-Za-z0-9_.-]")
+_MAX_UNIT_CHARS = 24
+_MAX_NULL_VALUE_CHARS = 32
+_MIN_WITSML_INTERVAL = 1.0
+_MIN_ROW_PERIOD = 0.001
+_MAX_ROW_PERIOD = 3600.0
+
+
+def _collapse_problem(value: str) -> str | None:
+    """Return why a WITSML server would store `value` differently from how it is written.
+
+    The WITSML schema collapses white space in every text value: tabs and line
+    breaks become spaces, runs of spaces become one, and leading and trailing
+    spaces are removed. Returns None for text that it leaves as it is.
+    """
+    if not value.isprintable():
+        return "contains a tab, a line break or another invisible character"
+    if value != value.strip(" "):
+        return "starts or ends with a space, which WITSML removes"
+    if "  " in value:
+        return "contains two spaces in a row, which WITSML stores as one"
+    return None
+
+
+_COLLAPSE_FIX = "write it with printable characters and single spaces between words"
+
+
+def _forbidden_chars(value: str, forbidden: str) -> str:
+    """Return the characters of `forbidden` that occur in `value`, separated by spaces."""
+    return " ".join(char for char in forbidden if char in value)
+
+
+def _unit_problem(unit: str) -> str | None:
+    """Return why `unit` cannot be a WITSML curve unit, or None when it can ("" is unitless)."""
+    if len(unit) > _MAX_UNIT_CHARS:
+        return f"has {len(unit)} characters, and WITSML allows at most {_MAX_UNIT_CHARS}"
+    if "," in unit:
+        return "contains a comma, which separates the entries of the unitList"
+    return _collapse_problem(unit)
+
+
+def _curve_uid(mnemonic: str) -> str:
+    """Return the logCurveInfo uid of a mnemonic: characters outside [A-Za-z0-9_.-] become '_'."""
+    return _UNSAFE_UID_CHAR.sub("_", mnemonic)
+
+
+class WitsmlCurve(_Section):
+    """One entry of `[witsml.curves]`: the log curve that one channel's readings fill."""
+
+    mnemonic: str = Field(min_length=1, max_length=32)
+    unit: str | None = Field(default=None, max_length=_MAX_UNIT_CHARS)
+    """Unit of the curve. None takes the channel's own unit, and "" makes the curve unitless."""
+    description: str = Field(default="", max_length=256)
+    """Text of the curve's curveDescription, which is left out when empty."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _written_as_table(cls, data: Any) -> Any:
+        if isinstance(data, str):
+            msg = (
+                "expected a table with the curve's mnemonic, such as "
+                '{ mnemonic = "SPPA", unit = "psi" }, got a string'
+            )
+            raise ValueError(msg)  # noqa: TRY004 - pydantic reports ValueError as a field error
+        return data
+
+    @field_validator("mnemonic")
+    @classmethod
+    def _valid_mnemonic(cls, value: str) -> str:
+        forbidden = _forbidden_chars(value, _FORBIDDEN_MNEMONIC_CHARS)
+        if forbidden:
+            msg = (
+                f"invalid mnemonic {value!r}: WITSML servers reject {forbidden} in a mnemonic; "
+                "use letters, digits, spaces, '_', '-' and '.'"
+            )
+            raise ValueError(msg)
+        problem = _collapse_problem(value)
+        if problem is not None:
+            msg = f"invalid mnemonic {value!r}: it {problem}; {_COLLAPSE_FIX}"
+            raise ValueError(msg)
+        if value.upper() == _INDEX_MNEMONIC:
+            msg = (
+                f"mnemonic {value!r} is reserved for the time index curve that the agent puts "
+                "first in every log: choose another mnemonic for this channel"
+            )
+            raise ValueError(msg)
+        return value
+
+    @field_validator("unit")
+    @classmethod
+    def _valid_unit(cls, value: str | None) -> str | None:
+        problem = _unit_problem(value) if value is not None else None
+        if problem is not None:
+            msg = (
+                f"invalid unit {value!r}: it {problem}; write the unit as the WITSML units "
+                'dictionary does, such as "psi" or "kft.lbf"'
+            )
+            raise ValueError(msg)
+        return value
+
+    @field_validator("description")
+    @classmethod
+    def _valid_description(cls, value: str) -> str:
+        problem = _collapse_problem(value)
+        if problem is not None:
+            msg = f"invalid description: it {problem}; {_COLLAPSE_FIX}"
+            raise ValueError(msg)
+        return value
+
+
+NullValueText = Annotated[
+    str,
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "minLength": 1, "maxLength": _MAX_NULL_VALUE_CHARS},
+                {"type": "number"},
+            ],
+            "description": 'Text of a missing value in the log, such as "-999.25".',
+        },
+        mode="validation",
+    ),
+]
+"""The log's null value, written in TOML as a string or a number and stored as text."""
+
+
+class WitsmlSection(_Section):
+    """The `[witsml]` table: the WITSML 1.4.1.1 time log that readings are uploaded as.
+
+    The log goes to the service of `[cloud]`, with the same device key.
+    """
+
+    interval: Duration = 60.0
+    """How often the sink uploads the rows that closed since its last upload, at least 1s."""
+    row_period: Duration = 1.0
+    """Width of one row, 1ms to 1h. Rows start at whole multiples of it since the Unix epoch."""
+    settle: NonNegativeDuration = 5.0
+    """How long after its end a row is uploaded, so that late readings still reach it."""
+    max_rows: int = Field(default=10_000, ge=1, le=100_000, strict=True)
+    null_value: NullValueText = "-999.25"
+    well_uid: str = Field(min_length=1, max_length=64)
+    well_name: str = Field(min_length=1, max_length=64)
+    wellbore_uid: str = Field(min_length=1, max_length=64)
+    wellbore_name: str = Field(min_length=1, max_length=64)
+    log_uid: str = Field(min_length=1, max_length=64)
+    log_name: str = Field(min_length=1, max_length=64)
+    curves: dict[str, WitsmlCurve]
+    """Curves by key: a channel name, or "SOURCE/CHANNEL" to pick one source's channel."""
+
+    @field_validator("interval")
+    @classmethod
+    def _interval_at_least_1s(cls, value: float) -> float:
+        if value < _MIN_WITSML_INTERVAL:
+            msg = (
+                f"interval {format_duration(value)} is too short: expected at least 1s, "
+                "because each upload is an HTTPS request that carries a whole document"
+            )
+            raise ValueError(msg)
+        return value
+
+    @field_validator("row_period")
+    @classmethod
+    def _row_period_in_range(cls, value: float) -> float:
+        if not _MIN_ROW_PERIOD <= value <= _MAX_ROW_PERIOD:
+            msg = "out of range: expected a duration from 1ms to 1h"
+            raise ValueError(msg)
+        microseconds = value * 1_000_000
+        if abs(microseconds - round(microseconds)) > 1e-3:
+            msg = (
+                "row_period is not a whole number of microseconds, the resolution of reading "
+                'time stamps: round it, such as "1500ms"'
+            )
+            raise ValueError(msg)
+        return value
+
+    @field_validator("null_value", mode="before")
+    @classmethod
+    def _null_value_as_text(cls, value: object) -> object:
+        """Turn a TOML number into its text; -999.25 becomes "-999.25"."""
+        if isinstance(value, bool):
+            msg = 'expected a number or a string such as "-999.25", got a boolean'
+            raise ValueError(msg)  # noqa: TRY004 - pydantic reports ValueError as a field error
+        if isinstance(value, float) and not math.isfinite(value):
+            msg = (
+                f"null_value {value} is not a finite number, and a WITSML log carries only "
+                "finite numbers in numeric columns; use a number such as -999.25"
+            )
+            raise ValueError(msg)
+        if isinstance(value, int | float):
+            return repr(value)
+        return value
+
+    @field_validator("null_value")
+    @classmethod
+    def _valid_null_value(cls, value: str) -> str:
+        fix = 'use a number such as "-999.25"'
+        if not value:
+            msg = f"null_value must not be empty, because WITSML rejects an empty nullValue; {fix}"
+        elif len(value) > _MAX_NULL_VALUE_CHARS:
+            msg = (
+                f"null_value has {len(value)} characters, and WITSML allows at most "
+                f"{_MAX_NULL_VALUE_CHARS}; {fix}"
+            )
+        elif "," in value:
+            msg = f"null_value contains a comma, which separates the values of a data row; {fix}"
+        elif not value.isprintable() or any(char.isspace() for char in value):
+            msg = f"null_value contains white space or an invisible character; {fix}"
+        elif _is_non_finite_number(value):
+            msg = (
+                f"null_value {value!r} is not a finite number, and a WITSML log carries only "
+                f"finite numbers in numeric columns; {fix}"
+            )
+        else:
+            return value
+        raise ValueError(msg)
+
+    @field_validator("well_uid", "wellbore_uid", "log_uid")
+    @classmethod
+    def _valid_uid(cls, value: str) -> str:
+        if not value.isprintable() or any(char.isspace() for char in value):
+            msg = "invalid uid: WITSML uids contain no spaces or other white space; use '-' or '_'"
+            raise ValueError(msg)
+        forbidden = _forbidden_chars(value, _FORBIDDEN_UID_CHARS)
+        if forbidden:
+            msg = f"invalid uid: it contains {forbidden}; use letters, digits, '_', '-' and '.'"
+            raise ValueError(msg)
+        return value
+
+    @field_validator("well_name", "wellbore_name", "log_name")
+    @classmethod
+    def _valid_name(cls, value: str) -> str:
+        problem = _collapse_problem(value)
+        if problem is not None:
+            msg = f"invalid name: it {problem}; {_COLLAPSE_FIX}"
+            raise ValueError(msg)
+        return value
+
+    @field_validator("curves")
+    @classmethod
+    def _some_curves(cls, value: dict[str, WitsmlCurve]) -> dict[str, WitsmlCurve]:
+        if not value:
+            msg = (
+                "no curves: add one line per channel to [witsml.curves], such as "
+                'standpipe_pressure = { mnemonic = "SPPA", unit = "psi" }'
+            )
+            raise ValueError(msg)
+        return value
+
+    @model_validator(mode="after")
+    def _unique_mnemonics_and_uids(self) -> WitsmlSection:
+        key_of_mnemonic: dict[str, str] = {}
+        key_of_uid: dict[str, str] = {}
+        for key, curve in self.curves.items():
+            first = key_of_mnemonic.setdefault(curve.mnemonic.lower(), key)
+            if first != key:
+                other = self.curves[first].mnemonic
+                written = f" ({other!r})" if other != curve.mnemonic else ""
+                msg = (
+                    f"mnemonic {curve.mnemonic!r} of curve {key!r} is also the mnemonic of "
+                    f"curve {first!r}{written}, and the mnemonics of a log must differ in more "
+                    "than letter case: give this curve another mnemonic"
+                )
+                raise _error_at(msg, "curves", key, "mnemonic")
+            uid = _curve_uid(curve.mnemonic)
+            first = key_of_uid.setdefault(uid, key)
+            if first != key:
+                other = self.curves[first].mnemonic
+                msg = (
+                    f"mnemonics {other!r} (curve {first!r}) and {curve.mnemonic!r} (curve "
+                    f"{key!r}) both give the curve uid {uid!r}, because each character other "
+                    "than letters, digits, '_', '.' and '-' becomes '_' in a uid: change one "
+                    "of the two mnemonics"
+                )
+                raise _error_at(msg, "curves", key, "mnemonic")
+        return self
+
+    @property
+    def row_period_us(self) -> int:
+        """Width of one row in whole microseconds."""
+        return round(self.row_period * 1_000_000)
+
+
+def _is_non_finite_number(text: str) -> bool:
+    try:
+        return not math.isfinite(float(text))
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class WitsmlColumn:
+    """One curve of `[witsml.curves]`, resolved to the channel that fills it, in file order."""
+
+    key: str
+    """The key as written in [witsml.curves]."""
+    source: str | None
+    """The source of a "SOURCE/CHANNEL" key, or None for a bare channel name (of one source)."""
+    channel: str
+    mnemonic: str
+    unit: str
+    """The curve's unit, or else the channel's unit, with "" for a unitless curve."""
+    uid: str
+    """The logCurveInfo uid: the mnemonic with each character outside [A-Za-z0-9_.-] as '_'."""
+    description: str
+
+
+_AnySource = ModbusSource | Wits0Source
+
+
+def _wits0_codes(source: Wits0Source) -> list[str]:
+    """Return the codes that the source maps by name: its items table or the standard table."""
+    return list(STANDARD_01) if isinstance(source.items, str) else list(source.items)
+
+
+def _channel_unit(source: _AnySource, channel: str) -> str | None:
+    """Return the unit of a channel of `source`, or None when the source has no such channel."""
+    if isinstance(source, ModbusSource):
+        return next((point.unit for point in source.points if point.channel == channel), None)
+    unmapped = _UNMAPPED_CHANNEL.fullmatch(channel)
+    codes = [unmapped.group(1)] if unmapped is not None else []
+    codes.extend(_wits0_codes(source))
+    for code in codes:
+        mapped = source.map_code(code)
+        if mapped is not None and mapped.channel == channel:
+            return mapped.unit
+    return None
+
+
+def _named_channels(source: _AnySource) -> list[str]:
+    """Return the channels of `source` that have a name of their own (not wits_NNNN)."""
+    if isinstance(source, ModbusSource):
+        return [point.channel for point in source.points]
+    names = []
+    for code in _wits0_codes(source):
+        mapped = source.map_code(code)
+        if mapped is not None:
+            names.append(mapped.channel)
+    return names
+
+
+def _unmapped_code_problem(source: _AnySource, channel: str) -> str | None:
+    """Explain why a `wits_NNNN` channel does not exist in a WITS0 source, or return None."""
+    match = _UNMAPPED_CHANNEL.fullmatch(channel)
+    if match is None or not isinstance(source, Wits0Source):
+        return None
+    code = match.group(1)
+    mapped = source.map_code(code)
+    if mapped is None:
+        return (
+            f"channel {channel!r} would carry the unmapped WITS code {code}, but source "
+            f'{source.name!r} drops unmapped codes (unmapped = "drop"): set '
+            f'unmapped = "keep" in that source, or map code {code} to a channel and use '
+            "that channel's name"
+        )
+    if mapped.channel != channel:
+        return (
+            f"WITS code {code} of source {source.name!r} feeds channel {mapped.channel!r}, "
+            f"not {channel!r}: use {mapped.channel!r} as the key"
+        )
+    return None
+
+
+def _find_curve_channel(key: str, sources: list[_AnySource]) -> tuple[_AnySource, str, str]:
+    """Return the source, channel and channel unit that a [witsml.curves] key names.
+
+    Raises a validation error at the key when the key names no channel, or a
+    bare channel name that several sources have.
+    """
+    at = ("witsml", "curves", key)
+    if "/" in key:
+        return _find_source_channel(key, sources)
+    found = [
+        (source, unit) for source in sources if (unit := _channel_unit(source, key)) is not None
+    ]
+    if len(found) == 1:
+        source, unit = found[0]
+        return source, key, unit
+    if found:
+        owners = " and ".join(repr(source.name) for source, _ in found)
+        choices = " or ".join(f'"{source.name}/{key}"' for source, _ in found)
+        msg = f"channel {key!r} exists in sources {owners}: write the key as {choices} to pick one"
+        raise _error_at(msg, *at)
+    for source in sources:
+        problem = _unmapped_code_problem(source, key)
+        if problem is not None:
+            raise _error_at(problem, *at)
+    if not sources:
+        msg = (
+            f"unknown channel {key!r}: this file has no sources, so no channel can fill the "
+            "curve; add the [[sources.modbus]] or [[sources.wits0]] table that reads it"
+        )
+        raise _error_at(msg, *at)
+    names = [name for source in sources for name in _named_channels(source)]
+    msg = (
+        f"unknown channel {key!r}: no source has a channel of that name; expected a channel "
+        'of a Modbus point or a WITS0 item, or "SOURCE/CHANNEL"'
+        f"{_suggestion(key, names)}"
+    )
+    raise _error_at(msg, *at)
+
+
+def _find_source_channel(key: str, sources: list[_AnySource]) -> tuple[_AnySource, str, str]:
+    """Resolve a "SOURCE/CHANNEL" key, as `_find_curve_channel` does."""
+    at = ("witsml", "curves", key)
+    source_name, _, channel = key.partition("/")
+    if not source_name or not channel or "/" in channel:
+        msg = (
+            f'invalid curve key {key!r}: expected a channel name, or "SOURCE/CHANNEL" with '
+            "one '/' between a source name and one of its channels"
+        )
+        raise _error_at(msg, *at)
+    source = next((source for source in sources if source.name == source_name), None)
+    if source is None:
+        names = [source.name for source in sources]
+        listed = ", ".join(repr(name) for name in names) if names else "none"
+        msg = (
+            f"unknown source {source_name!r} in curve key {key!r}: the sources of this file "
+            f"are {listed}{_suggestion(source_name, names)}"
+        )
+        raise _error_at(msg, *at)
+    unit = _channel_unit(source, channel)
+    if unit is not None:
+        return source, channel, unit
+    problem = _unmapped_code_problem(source, channel)
+    if problem is None:
+        hint = _suggestion(channel, _named_channels(source))
+        problem = f"source {source_name!r} has no channel {channel!r}{hint}"
+    raise _error_at(problem, *at)
+
+
+def _resolve_witsml_columns(
+    section: WitsmlSection, sources: list[_AnySource]
+) -> list[tuple[WitsmlColumn, _AnySource]]:
+    """Resolve every curve of [witsml.curves] to its channel and unit, in file order.
+
+    Raises a validation error at the key of the first curve that names no
+    channel, a channel that an earlier key names already, or a channel whose
+    unit cannot be a WITSML unit while the curve sets none.
+    """
+    resolved: list[tuple[WitsmlColumn, _AnySource]] = []
+    key_of_channel: dict[tuple[str, str], str] = {}
+    for key, curve in section.curves.items():
+        source, channel, channel_unit = _find_curve_channel(key, sources)
+        first = key_of_channel.setdefault((source.name, channel), key)
+        if first != key:
+            msg = (
+                f"curves {first!r} and {key!r} both name channel {channel!r} of source "
+                f"{source.name!r}, and a channel fills one curve: remove one of the two"
+            )
+            raise _error_at(msg, "witsml", "curves", key)
+        unit = curve.unit
+        if unit is None:
+            problem = _unit_problem(channel_unit)
+            if problem is not None:
+                msg = (
+                    f"channel {channel!r} of source {source.name!r} has unit {channel_unit!r}, "
+                    f"which cannot be a WITSML unit: it {problem}; set unit in this curve, "
+                    'such as unit = "psi"'
+                )
+                raise _error_at(msg, "witsml", "curves", key)
+            unit = channel_unit
+        column = WitsmlColumn(
+            key=key,
+            source=source.name if "/" in key else None,
+            channel=channel,
+            mnemonic=curve.mnemonic,
+            unit=unit,
+            uid=_curve_uid(curve.mnemonic),
+            description=curve.description,
+        )
+        resolved.append((column, source))
+    return resolved
+
+
 class Config(_Section):
     """The whole config file."""
 
@@ -943,6 +1458,7 @@ class Config(_Section):
     sources: Sources = Sources()
     mqtt: MqttSection | None = None
     cloud: CloudSection | None = None
+    witsml: WitsmlSection | None = None
 
     @model_validator(mode="after")
     def _unique_source_names(self) -> Config:
@@ -1006,6 +1522,26 @@ class Config(_Section):
                 raise _error_at(msg, "sources", "modbus", index, "unit_id")
         return self
 
+    @model_validator(mode="after")
+    def _witsml_needs_cloud(self) -> Config:
+        if self.witsml is not None and self.cloud is None:
+            msg = (
+                "[witsml] uploads the log to the service of [cloud] with its device key, but "
+                "this file has no [cloud] table: add [cloud] with url, device_id and "
+                "private_key_file, or remove [witsml]"
+            )
+            raise _error_at(msg, "witsml")
+        return self
+
+    @model_validator(mode="after")
+    def _witsml_curves_resolve(self) -> Config:
+        if self.witsml is not None:
+            _resolve_witsml_columns(self.witsml, self._source_list())
+        return self
+
+    def _source_list(self) -> list[ModbusSource | Wits0Source]:
+        return [source for _, _, source in self._all_sources()]
+
     def enabled_sinks(self) -> list[str]:
         """Return the names of the sinks this config enables, in a fixed order."""
         sinks: list[str] = []
@@ -1013,7 +1549,28 @@ class Config(_Section):
             sinks.append("mqtt")
         if self.cloud is not None:
             sinks.append("cloud")
+        if self.witsml is not None:
+            sinks.append("witsml")
         return sinks
+
+    def witsml_columns(self) -> list[WitsmlColumn]:
+        """Return the curves of [witsml.curves] resolved to their channels, in file order.
+
+        Returns [] without a [witsml] table.
+        """
+        if self.witsml is None:
+            return []
+        return [column for column, _ in _resolve_witsml_columns(self.witsml, self._source_list())]
+
+    def witsml_column_source(self, column: WitsmlColumn) -> str:
+        """Return the name of the source whose channel fills `column`, also for a bare key."""
+        if column.source is not None:
+            return column.source
+        for source in self._source_list():
+            if _channel_unit(source, column.channel) is not None:
+                return source.name
+        msg = f"no source of this config has channel {column.channel!r}"
+        raise ValueError(msg)
 
     def topic_prefix(self) -> str:
         """Return the MQTT topic prefix with `{rig_id}` filled in."""

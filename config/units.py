@@ -5,9 +5,11 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any
 
-from pydantic import BeforeValidator, PlainSerializer
+from pydantic import BeforeValidator, PlainSerializer, WithJsonSchema
 
 __all__ = [
+    "DURATION_PATTERN",
+    "SIZE_PATTERN",
     "ByteSize",
     "Duration",
     "NonNegativeDuration",
@@ -29,8 +31,12 @@ _SIZE_UNITS: dict[str, int] = {
     "GiB": 1024**3,
     "TiB": 1024**4,
 }
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)\s*$")
+DURATION_PATTERN = r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$"
+"""Regular expression of a duration as written in the file, also used in the JSON Schema."""
+SIZE_PATTERN = r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)\s*$"
+"""Regular expression of a size as written in the file, also used in the JSON Schema."""
+_DURATION_RE = re.compile(DURATION_PATTERN)
+_SIZE_RE = re.compile(SIZE_PATTERN)
 
 
 def _describe(value: object) -> str:
@@ -111,8 +117,20 @@ def format_size(size: int) -> str:
     return f"{size}B"
 
 
+_DURATION_SCHEMA = WithJsonSchema(
+    {
+        "type": "string",
+        "pattern": _DURATION_RE.pattern,
+        "description": 'A number and a unit of ms, s, m, h or d, such as "500ms" or "5m".',
+    },
+    mode="validation",
+)
+
 Duration = Annotated[
-    float, BeforeValidator(parse_duration), PlainSerializer(format_duration, return_type=str)
+    float,
+    BeforeValidator(parse_duration),
+    PlainSerializer(format_duration, return_type=str),
+    _DURATION_SCHEMA,
 ]
 """Seconds, greater than zero, written in TOML as a string with a unit."""
 
@@ -120,8 +138,22 @@ NonNegativeDuration = Annotated[
     float,
     BeforeValidator(parse_non_negative_duration),
     PlainSerializer(format_duration, return_type=str),
+    _DURATION_SCHEMA,
 ]
 """Seconds, zero or more, written in TOML as a string with a unit ("0ms" turns a wait off)."""
 
-ByteSize = Annotated[int, BeforeValidator(parse_size)]
+ByteSize = Annotated[
+    int,
+    BeforeValidator(parse_size),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "pattern": _SIZE_RE.pattern,
+            "description": (
+                'A number and a unit of B, KB, MB, GB, KiB, MiB, GiB or TiB, such as "2GiB".'
+            ),
+        },
+        mode="validation",
+    ),
+]
 """Bytes, written in TOML as a string with a unit."""

@@ -624,16 +624,49 @@ class CloudService:
         retry_after: int | None = None,
         count: int | None = None,
         reject_seq: int | None = None,
+        reject_time: str | None = None,
+        route: str | None = None,
         after_store: bool = False,
     ) -> list[dict[str, Any]]:
         """Queue one fault (see `cloud.faults.Fault`) and return the faults pending."""
         fault: dict[str, Any] = {"status": status, "retry_after": retry_after, "count": count}
-        fault |= {"reject_seq": reject_seq, "after_store": after_store}
+        fault |= {"reject_seq": reject_seq, "reject_time": reject_time, "route": route}
+        fault |= {"after_store": after_store}
         body = {key: value for key, value in fault.items() if value is not None}
         return list((await self._request("POST", "/_test/faults", json=body))["pending"])
 
     async def clear_faults(self) -> None:
         await self._request("DELETE", "/_test/faults")
+
+    async def witsml_logs(self) -> list[dict[str, Any]]:
+        """Return `GET /v1/witsml/logs`: uid, uid_well, uid_wellbore, name and rows of each log."""
+        return list((await self._request("GET", "/v1/witsml/logs"))["logs"])
+
+    async def witsml_log(self, uid: str) -> bytes:
+        """Return a stored log as a WITSML 1.4.1.1 document (raises for an unknown uid)."""
+        from urllib.parse import quote
+
+        async with (
+            asyncio.timeout(30),
+            httpx.AsyncClient(base_url=self.base_url, timeout=30) as client,
+        ):
+            response = await client.get(f"/v1/witsml/logs/{quote(uid, safe='')}")
+        response.raise_for_status()
+        return response.content
+
+    async def witsml_documents(self) -> list[bytes]:
+        """Return every WITSML request body the service accepted, decompressed, in order."""
+        import base64
+
+        bodies: list[bytes] = []
+        after_id: int | None = 0
+        while after_id is not None:
+            page = await self._request(
+                "GET", "/v1/witsml/documents", params={"after_id": after_id, "limit": 1000}
+            )
+            bodies.extend(base64.b64decode(d["body_base64"]) for d in page["documents"])
+            after_id = page["next_after_id"]
+        return bodies
 
     async def _request(self, method: str, path: str, **kwargs: Any) -> Any:
         async with (

@@ -545,3 +545,24 @@ async def test_tokens_never_logged(
         assert "Bearer" not in text
         assert "eyJ" not in text
         assert private_line not in text
+
+
+def test_credential_key_group_read_allowed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A key in $CREDENTIALS_DIRECTORY may be group-readable (systemd's ACL), elsewhere not."""
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    key_path = credentials / "device-key.pem"
+    generate_key_file(key_path)
+    key_path.chmod(0o640)
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(credentials))
+
+    assert load_private_key(resolve_secret_path("device-key.pem")) is not None
+
+    key_path.chmod(0o660)
+    with pytest.raises(KeyFileError, match="0660"):
+        load_private_key(key_path)
+
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY")
+    key_path.chmod(0o640)
+    with pytest.raises(KeyFileError, match="0640"):
+        load_private_key(key_path)

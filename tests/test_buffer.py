@@ -25,7 +25,6 @@ from buffer.reading import Quality, Reading
 from buffer.store import (
     DB_FILENAME,
     Buffer,
-    CorruptDatabaseError,
     ForeignDatabaseError,
     read_stats,
 )
@@ -50,6 +49,11 @@ def count_rows(data_dir: Path, above_seq: int = 0) -> int:
     with contextlib.closing(sqlite3.connect(data_dir / DB_FILENAME)) as conn:
         row = conn.execute("SELECT count(*) FROM readings WHERE seq > ?", (above_seq,)).fetchone()
     return int(row[0])
+
+
+def set_aside_files(data_dir: Path) -> list[Path]:
+    """List the corrupt database files moved aside in data_dir."""
+    return sorted(data_dir.glob("buffer-corrupt-*.db"))
 
 
 async def wait_until(condition: Callable[[], bool]) -> None:
@@ -123,12 +127,17 @@ async def test_use_after_close_rejected(tmp_path: Path) -> None:
         await closed.append(make_readings(1))
 
 
-async def test_corrupt_file_named(tmp_path: Path) -> None:
-    """A file that is not SQLite raises CorruptDatabaseError naming the file."""
-    path = tmp_path / DB_FILENAME
-    path.write_bytes(os.urandom(8192))
-    with pytest.raises(CorruptDatabaseError, match=str(path)):
-        await Buffer(tmp_path, []).open()
+async def test_non_sqlite_file_set_aside(tmp_path: Path) -> None:
+    """A file that is not SQLite is moved aside unchanged and a new buffer opens."""
+    garbage = os.urandom(8192)
+    (tmp_path / DB_FILENAME).write_bytes(garbage)
+    async with Buffer(tmp_path, []) as opened:
+        await opened.append(make_readings(1))
+        stats = await opened.stats()
+    [aside] = set_aside_files(tmp_path)
+    assert aside.read_bytes() == garbage
+    assert stats.set_aside_paths == [str(aside)]
+    assert stats.rows == 1
 
 
 async def test_foreign_database_untouched(tmp_path: Path) -> None:
@@ -370,7 +379,7 @@ async def test_read_stats_other_process(buffer: Buffer) -> None:
     assert before <= stats["last_seq"] <= after
     assert after > before
     assert stats["sinks"] == [
-        {"name": "mqtt", "cursor": 40, "depth": stats["last_seq"] - 40},
+        {"name": "mqtt", "cursor": 40, "depth": stats["last_seq"] - 40, "dropped_buffer_full": 0},
     ]
     assert {c["channel"] for c in stats["channels"]} == {"spp", "hook"}
 

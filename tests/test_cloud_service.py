@@ -15,6 +15,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -283,14 +284,21 @@ async def test_missing_token_rejected(client: httpx.AsyncClient, device_id: str)
     assert response.headers["WWW-Authenticate"].startswith("Bearer")
 
 
+@dataclass(frozen=True)
+class _FromNow:
+    """A claim time this many seconds after the test starts, not after collection."""
+
+    seconds: int
+
+
 @pytest.mark.parametrize(
     ("overrides", "reason"),
     [
         ({"jti": None}, "missing_claim"),
         ({"iat": None}, "missing_claim"),
         ({"iss": "another-device"}, "invalid_claim"),
-        ({"exp": int(time.time()) + 3600}, "invalid_claim"),
-        ({"iat": int(time.time()) + 120}, "not_yet_valid"),
+        ({"exp": _FromNow(3600)}, "invalid_claim"),
+        ({"iat": _FromNow(120)}, "not_yet_valid"),
     ],
     ids=["no-jti", "no-iat", "iss-not-sub", "lifetime-1h", "iat-future"],
 )
@@ -302,7 +310,12 @@ async def test_bad_claims_rejected(
     reason: str,
 ) -> None:
     """Missing jti or iat, iss other than sub, a lifetime over 10 min or a future iat get 401."""
-    token = es256_token(device_key, device_id, **overrides)
+    now = int(time.time())
+    claims = {
+        key: now + value.seconds if isinstance(value, _FromNow) else value
+        for key, value in overrides.items()
+    }
+    token = es256_token(device_key, device_id, **claims)
     response = await post_batch(client, token, batch(device_id, [1]))
     assert response.status_code == 401
     assert response.json()["reason"] == reason

@@ -8,6 +8,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -66,21 +67,40 @@ def test_second_agent_refuses_to_start(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr + result.stdout
 
 
-def test_corrupt_buffer_no_traceback(tmp_path: Path) -> None:
-    """A buffer file full of garbage stops `run` with the file named and no traceback."""
+def test_corrupt_buffer_set_aside(tmp_path: Path) -> None:
+    """A buffer file full of garbage is renamed aside with both paths logged, and the agent runs."""
     (tmp_path / "buffer.sqlite3").write_bytes(os.urandom(8192))
     config = tmp_path / "agent.toml"
     config.write_text(f'[agent]\nrig_id = "r"\ndata_dir = "{tmp_path}"\nlog_format = "json"\n')
-    result = subprocess.run(
+    process = subprocess.Popen(
         [sys.executable, "-m", "agent.cli", "run", "-c", str(config)],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         text=True,
-        timeout=30,
-        check=False,
     )
-    assert result.returncode == 2
-    assert "buffer.sqlite3" in result.stderr
-    assert "Traceback" not in result.stderr + result.stdout
+    lines: list[str] = []
+    try:
+        assert process.stdout is not None
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            line = process.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "agent_started" in line:
+                break
+        assert any("agent_started" in line for line in lines), "".join(lines)
+    finally:
+        process.terminate()
+        output, _ = process.communicate(timeout=15)
+    text = "".join(lines) + output
+    set_aside = [json.loads(line) for line in lines if "buffer_corrupt_set_aside" in line]
+    assert len(set_aside) == 1, text
+    assert set_aside[0]["path"].endswith("buffer.sqlite3")
+    assert "buffer-corrupt-" in set_aside[0]["moved_to"]
+    assert "Traceback" not in text
+    assert process.returncode == 0
+    assert len(list(tmp_path.glob("buffer-corrupt-*.db"))) == 1
 
 
 @pytest.mark.parametrize("log_format", ["json", "console"])

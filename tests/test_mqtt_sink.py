@@ -447,3 +447,16 @@ async def test_outage_logging(
     assert recovered[0]["log_level"] == "info"
     assert recovered[0]["outage_s"] >= 0
     assert "hunter2-secret" not in repr(debug_logs)
+
+
+def test_password_file_credential_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bare password_file name is read from $CREDENTIALS_DIRECTORY when systemd sets it."""
+    (tmp_path / "mqtt-password").write_text("from-credentials\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+
+    assert read_password_file("mqtt-password") == "from-credentials"
+
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY")
+    monkeypatch.chdir(tmp_path / "..")
+    with pytest.raises(PasswordFileError):
+        read_password_file("mqtt-password")

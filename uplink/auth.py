@@ -133,6 +133,19 @@ def _not_private_key_message(path: Path, pem: bytes) -> str:
     )
 
 
+def _forbidden_mode_bits(path: Path) -> int:
+    """Return the permission bits a key file must not have: any for group and others.
+
+    Group read is allowed in $CREDENTIALS_DIRECTORY, because newer systemd
+    releases grant the service user access to its credentials through an ACL,
+    which shows as group read in the mode. That directory is private to the service.
+    """
+    directory = os.environ.get(CREDENTIALS_VARIABLE)
+    if directory and path.parent == Path(directory):
+        return 0o037
+    return 0o077
+
+
 def _read_key_file(path: Path) -> bytes:
     """Return the bytes of a key file after checking that group and others have no access."""
     try:
@@ -142,7 +155,7 @@ def _read_key_file(path: Path) -> bytes:
             if not stat.S_ISREG(mode):
                 msg = f"private key file {path} is not a regular file: expected a PEM file"
                 raise KeyFileError(path, msg)
-            if mode & 0o077:
+            if mode & _forbidden_mode_bits(path):
                 msg = (
                     f"private key file {path} has mode {stat.S_IMODE(mode):04o}, so group or "
                     f"others can access it: run `chmod 600 {path}`"

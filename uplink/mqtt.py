@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import ssl
 import time
@@ -18,6 +19,7 @@ import structlog
 
 from buffer.reading import StoredReading, format_ts, now_us, reading_to_json
 from config.model import MqttSection
+from uplink.auth import CREDENTIALS_VARIABLE
 
 __all__ = [
     "BufferLike",
@@ -77,7 +79,15 @@ class PasswordFileError(Exception):
 
 
 def read_password_file(path: str) -> str:
-    """Read a password from `path`, dropping one trailing newline."""
+    """Read a password from `path`, dropping one trailing newline.
+
+    A bare file name such as "mqtt-password" is looked up in
+    $CREDENTIALS_DIRECTORY when systemd set it (`LoadCredential=`), and in
+    the working directory otherwise.
+    """
+    directory = os.environ.get(CREDENTIALS_VARIABLE)
+    if directory and os.sep not in path and path not in (".", ".."):
+        path = str(Path(directory) / path)
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
