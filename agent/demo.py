@@ -292,11 +292,17 @@ async def _witsml_line(agent: Agent, cloud: _DemoCloud) -> str:
         stored = f"the service did not return its logs ({type(exc).__name__})"
     else:
         rows = next((entry["rows"] for entry in logs if entry.get("uid") == DEMO_LOG_UID), 0)
-        stored = f"the service stores {rows} rows"
+        stored = f"the service stores {_count(rows, 'row')}"
+    uploaded = _count(sink.rows_uploaded, "row")
+    documents = _count(sink.documents_uploaded, "document")
     return (
-        f"WITSML: log {DEMO_LOG_UID}, one row per second, {sink.rows_uploaded} rows uploaded "
-        f"in {sink.documents_uploaded} documents, {stored}"
+        f"WITSML: log {DEMO_LOG_UID}, one row per second, {uploaded} uploaded "
+        f"in {documents}, {stored}"
     )
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
 
 
 async def _stored_witsml_rows(cloud: _DemoCloud) -> list[str]:

@@ -192,7 +192,17 @@ def run_export_command(args: argparse.Namespace) -> int:
         readings.close()
 
     print(f"rig-agent export: {_describe(summary, destination)}", file=sys.stderr)
+    if since_us is not None and (summary.min_ts_us or until_us or 0) - since_us > _GAP_NOTE_US:
+        print(
+            "rig-agent export: note: the buffer keeps a reading only until every sink has "
+            "acknowledged it, so older readings were delivered and deleted from this box",
+            file=sys.stderr,
+        )
     return EXIT_OK
+
+
+_GAP_NOTE_US = 60_000_000
+"""A --since this far before the first exported reading gets a note on deleted readings."""
 
 
 def parse_time_bound(text: str, now: int) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, TextIO
@@ -123,10 +124,19 @@ def _schema_folder(xsd_dir: Path | None) -> tuple[Path | None, str]:
     return None, ""
 
 
+_UNLISTED = re.compile(r": (\d+) more data row problems not listed$")
+
+
 def _format_problem(path: Path, problem: Problem, *, from_schema: bool) -> str:
     where = f"{path}:{problem.line}" if problem.line is not None else str(path)
     prefix = _SCHEMA_PREFIX if from_schema else ""
     return f"{where}: {prefix}{problem.message}"
+
+
+def _unlisted_count(problem: Problem) -> int:
+    """Return the count in the line that stands for data row problems beyond the listed ones."""
+    match = _UNLISTED.search(problem.message)
+    return int(match.group(1)) if match else 0
 
 
 def _summary(path: Path, problems: list[tuple[Problem, bool]], *, schema_checked: bool) -> str:
@@ -135,7 +145,10 @@ def _summary(path: Path, problems: list[tuple[Problem, bool]], *, schema_checked
         lines = [f"{path}: no problems found against {checked}"]
     else:
         noun = "problem" if len(problems) == 1 else "problems"
-        summary = f"{path}: {len(problems)} {noun}"
+        unlisted = sum(_unlisted_count(problem) for problem, _ in problems)
+        summary = f"{path}: {len(problems) - (1 if unlisted else 0) + unlisted} {noun}"
+        if unlisted:
+            summary += f" ({unlisted} data row problems not listed)"
         if schema_checked:
             schema_count = sum(1 for _, from_schema in problems if from_schema)
             summary += f", {schema_count} of them found by the schema check"

@@ -576,3 +576,20 @@ def test_csv_timestamps_match_format_ts() -> None:
 )
 def test_parse_time_bound(text: str, expected: int) -> None:
     assert parse_time_bound(text, T0) == expected
+
+
+def test_since_before_buffer_noted(
+    sample: tuple[Path, list[StoredReading]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A --since far before the oldest reading says that delivered readings were deleted."""
+    config, stored = sample
+    first = format_ts(min(r.ts_us for r in stored) - 3_600_000_000)
+    near = format_ts(min(r.ts_us for r in stored))
+
+    code, _, err = export(capsys, "-c", str(config), "--format", "csv", "--since", first)
+    assert code == 0, err
+    assert "older readings were delivered and deleted" in err
+
+    code, _, err = export(capsys, "-c", str(config), "--format", "csv", "--since", near)
+    assert code == 0, err
+    assert "deleted" not in err

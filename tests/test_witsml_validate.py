@@ -275,3 +275,36 @@ def test_command_line_process(tmp_path: Path) -> None:
     )
     assert result.returncode == 1
     assert f"{path}:30: unitList has 2 entries but mnemonicList has 3" in result.stdout
+
+
+def test_doctype_rejected(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, witsml_xsd_dir: Path
+) -> None:
+    """A DOCTYPE with an entity is one problem, not a crash of the schema check."""
+    document = build_document(HEADER, CURVES, ROWS)
+    declaration, body = document.split(b"\n", 1)
+    data = declaration + b'\n<!DOCTYPE logs [<!ENTITY v "212.5">]>\n' + body
+    path = own_document(tmp_path, data)
+
+    code, lines, err = validate(capsys, path, "--xsd-dir", witsml_xsd_dir)
+
+    assert code == 1
+    assert "Traceback" not in err
+    assert lines[0].startswith(f"{path}:1: the document has a DOCTYPE declaration")
+    assert lines[-1] == f"{path}: 1 problem, 0 of them found by the schema check"
+
+
+def test_unlisted_row_problems_counted(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """The summary counts every bad row, also those beyond the listed ones."""
+    document = build_document(HEADER, CURVES, ROWS).decode()
+    first_row = document.index("<data>")
+    row_end = document.index("</data>", first_row) + len("</data>")
+    bad_rows = "".join(
+        f"<data>2024-05-01T07:{i // 60:02d}:{i % 60:02d}Z,1,2,3,4,5,6,7</data>" for i in range(250)
+    )
+    path = own_document(tmp_path, (document[:first_row] + bad_rows + document[row_end:]).encode())
+
+    code, lines, _ = validate(capsys, path)
+
+    assert code == 1
+    assert f"{path}: 250 problems (150 data row problems not listed)" in lines

@@ -429,6 +429,23 @@ def _parse_xml(data: bytes) -> Any:
     return etree.fromstring(data, parser)
 
 
+def _doctype_problem(root: Any) -> Problem | None:
+    """Return a problem for a document type declaration, which WITSML documents never carry.
+
+    Entities stay unexpanded here, so a row holding `&name;` would be read as
+    a null field while a server that expands entities reads a value: the two
+    would disagree, and libxml2's schema check fails on unexpanded entities.
+    """
+    docinfo = root.getroottree().docinfo
+    if not docinfo.doctype and docinfo.internalDTD is None and docinfo.externalDTD is None:
+        return None
+    return Problem(
+        1,
+        "the document has a DOCTYPE declaration: WITSML documents must not declare a DTD "
+        "or entities, so remove the <!DOCTYPE ...> part and write the values in place",
+    )
+
+
 def _syntax_problem(error: Any) -> Problem:
     line = error.lineno if isinstance(error.lineno, int) and error.lineno > 0 else None
     return Problem(line, f"the file is not well-formed XML: {error.msg}")
@@ -486,6 +503,9 @@ def check_log_document(data: bytes) -> list[Problem]:
         root = _parse_xml(data)
     except etree.XMLSyntaxError as exc:
         return [_syntax_problem(exc)]
+    doctype = _doctype_problem(root)
+    if doctype is not None:
+        return [doctype]
     problems: list[Problem] = []
     _check_root(root, problems)
     logs = _children(root, "log")
@@ -900,6 +920,9 @@ def schema_problems(data: bytes, xsd_dir: Path) -> list[Problem]:
         root = _parse_xml(data)
     except etree.XMLSyntaxError as exc:
         return [_syntax_problem(exc)]
+    doctype = _doctype_problem(root)
+    if doctype is not None:
+        return [doctype]
     with _schema_lock:
         schema = _load_schema(xsd_dir)
         # An XMLSchema keeps its error log on the object, so validate under the lock.
