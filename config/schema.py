@@ -34,8 +34,11 @@ def config_json_schema() -> dict[str, Any]:
         ),
         **generated,
     }
+    for prop in schema.get("properties", {}).values():
+        _drop_null(prop)
     for model in schema.get("$defs", {}).values():
         for name, prop in model.get("properties", {}).items():
+            _drop_null(prop)
             _written_default(prop)
             prop.pop("format", None)
             if model.get("title") == "ModbusPoint":
@@ -46,6 +49,25 @@ def config_json_schema() -> dict[str, Any]:
 def config_json_schema_text() -> str:
     """Return the schema as indented JSON text with a final newline."""
     return json.dumps(config_json_schema(), indent=2, sort_keys=False) + "\n"
+
+
+def _drop_null(prop: dict[str, Any]) -> None:
+    """Remove the null choice of an optional key: TOML has no null, a key is left out instead.
+
+    With a single remaining choice, validators report the error of that
+    choice rather than "not valid under any of the given schemas".
+    """
+    choices = prop.get("anyOf")
+    if not choices or {"type": "null"} not in choices:
+        return
+    rest = [choice for choice in choices if choice != {"type": "null"}]
+    if prop.get("default", 0) is None:
+        del prop["default"]
+    if len(rest) == 1:
+        del prop["anyOf"]
+        prop.update(rest[0])
+    else:
+        prop["anyOf"] = rest
 
 
 def _written_default(prop: dict[str, Any]) -> None:
@@ -77,6 +99,6 @@ def _modbus_point_property(name: str, prop: dict[str, Any]) -> None:
             'Modicon address such as 40001, 400001 or "4x0001" when table is omitted.'
         )
     elif name == "order":
-        for option in prop.get("anyOf", []):
+        for option in [prop, *prop.get("anyOf", [])]:
             if "enum" in option:
                 option["enum"] = [*option["enum"], *(value.lower() for value in option["enum"])]

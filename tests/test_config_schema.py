@@ -149,3 +149,13 @@ log_name = "Rig 07 time log"
     load_config(path)
 
     assert _errors(tomllib.loads(text)) == []
+
+
+def test_schema_names_key_in_optional_table() -> None:
+    """An error inside an optional table names the key, not "not valid under any schema"."""
+    document = tomllib.loads(MINIMAL)
+    document["mqtt"] = {"url": "mqtt://127.0.0.1:1883", "qos": 2}
+
+    errors = _errors(document)
+
+    assert errors == ["2 is not one of [0, 1]"]
