@@ -34,7 +34,10 @@ __all__ = [
     "apply_scale",
     "decode_registers",
     "encode_value",
+    "engineering_value",
     "read_bit",
+    "round_scaled",
+    "shortest_float32",
     "unscale",
     "write_bit",
 ]
@@ -140,6 +143,58 @@ def _bit_number(bit: int | None) -> int:
 def apply_scale(raw: float, scale: float, offset: float) -> float:
     """Convert a decoded register value to engineering units: `raw * scale + offset`."""
     return float(raw) * scale + offset
+
+
+def engineering_value(raw: float, type_name: str, scale: float, offset: float) -> float:
+    """Convert a decoded raw value to the engineering value that readings carry.
+
+    A float32 becomes its shortest decimal first, and a scaled value loses
+    the rounding noise of the multiplication; see `shortest_float32` and
+    `round_scaled`.
+    """
+    if type_name == "float32":
+        raw = shortest_float32(raw)
+    value = apply_scale(raw, scale, offset)
+    if scale != 1.0 or offset != 0.0:
+        value = round_scaled(value)
+    return value
+
+
+def shortest_float32(value: float) -> float:
+    """Return the float of the shortest decimal that a float32 reads back as the same value.
+
+    A float32 register value widened to a double shows digits the device
+    never had (3017.2 becomes 3017.199951171875). The shortest decimal with
+    the same float32 bits is what the device's own display shows.
+    """
+    if not math.isfinite(value):
+        return value
+    packed = struct.pack(">f", value)
+    for digits in range(1, 10):
+        candidate = float(f"{value:.{digits}g}")
+        try:
+            if struct.pack(">f", candidate) == packed:
+                return candidate
+        except OverflowError:
+            # Rounded up past the largest float32, such as 3.403e38.
+            continue
+    return value
+
+
+def round_scaled(value: float) -> float:
+    """Drop the rounding noise that scaling leaves in the last bits of a value.
+
+    `raw * scale + offset` in binary floating point can miss the decimal
+    result by a bit or two (937 * 0.01 gives 9.370000000000001). The value
+    rounded to 15 significant digits replaces it when the two are at most
+    two units in the last place apart, so real digits are never lost.
+    """
+    if not math.isfinite(value) or value == 0:
+        return value
+    rounded = float(f"{value:.15g}")
+    if abs(rounded - value) <= 2 * math.ulp(value):
+        return rounded
+    return value
 
 
 def unscale(value: float, scale: float, offset: float) -> float:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from config.model import ModbusPoint, ModbusSource
-from drivers.modbus_decode import apply_scale, decode_registers
+from drivers.modbus_decode import decode_registers, engineering_value
 from drivers.modbus_types import MAX_READ_BITS, MAX_READ_REGISTERS, TABLES
 
 __all__ = [
@@ -201,7 +201,7 @@ def _decode_point(
 
     if _is_null(raw, point):
         return PointValue(point, None, "null")
-    value = apply_scale(raw, point.scale, point.offset)
+    value = engineering_value(raw, point.type, point.scale, point.offset)
     if not math.isfinite(value):
         return PointValue(point, None, "not_finite")
     return PointValue(point, value, "good")

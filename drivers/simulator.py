@@ -38,7 +38,12 @@ from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
 from config.model import ModbusPoint, ModbusSource
-from drivers.modbus_decode import apply_scale, decode_registers, encode_value, unscale
+from drivers.modbus_decode import (
+    decode_registers,
+    encode_value,
+    engineering_value,
+    unscale,
+)
 
 __all__ = ["SIM_POINTS", "RigModel", "RigSimulator", "simulator_points"]
 
@@ -343,7 +348,7 @@ class RigSimulator:
         for point in SIM_POINTS:
             words = self._words(point)
             raw = decode_registers(words, point.type, point.word_order, point.byte_order)
-            values[point.channel] = apply_scale(raw, point.scale, point.offset)
+            values[point.channel] = engineering_value(raw, point.type, point.scale, point.offset)
         return values
 
     async def set_values(self, values: Mapping[str, float]) -> None:

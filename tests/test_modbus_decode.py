@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import struct
 
 import pytest
 from hypothesis import given
@@ -13,7 +14,10 @@ from drivers.modbus_decode import (
     apply_scale,
     decode_registers,
     encode_value,
+    engineering_value,
     read_bit,
+    round_scaled,
+    shortest_float32,
     unscale,
     write_bit,
 )
@@ -334,3 +338,45 @@ def test_unscale_zero_scale() -> None:
     """A zero scale cannot be inverted and raises."""
     with pytest.raises(ValueError, match="scale 0"):
         unscale(1.0, 0.0, 0.0)
+
+
+@pytest.mark.parametrize(
+    ("written", "expected"),
+    [
+        (3017.2, 3017.2),
+        (155.45586, 155.45586),
+        (0.1, 0.1),
+        (-2.5, -2.5),
+        (1e-45, 1e-45),
+        (3.4028234663852886e38, 3.4028235e38),
+    ],
+)
+def test_float32_shortest_decimal(written: float, expected: float) -> None:
+    widened = struct.unpack(">f", struct.pack(">f", written))[0]
+
+    assert shortest_float32(widened) == expected
+    assert struct.pack(">f", shortest_float32(widened)) == struct.pack(">f", widened)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (937 * 0.01, 9.37),
+        (1166 * 0.1, 116.6),
+        (-158029.69136000003, -158029.69136),
+        (9.223372036854776e17, 9.223372036854776e17),
+        (1.0000000000000002, 1.0),
+        (123456789.12345679, 123456789.12345679),
+        (0.0, 0.0),
+    ],
+)
+def test_scaled_noise_dropped(value: float, expected: float) -> None:
+    assert round_scaled(value) == expected
+
+
+def test_engineering_value_float32_scaled() -> None:
+    widened = struct.unpack(">f", struct.pack(">f", 3017.2))[0]
+
+    assert engineering_value(widened, "float32", 1.0, 0.0) == 3017.2
+    assert engineering_value(937, "int16", 0.01, 0.0) == 9.37
+    assert engineering_value(widened, "float64", 1.0, 0.0) == widened

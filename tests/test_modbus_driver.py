@@ -22,7 +22,7 @@ from buffer.reading import Quality, Reading
 from config.model import ModbusPoint, ModbusSource
 from drivers.modbus import ModbusDriver
 from drivers.modbus_bus import BusRegistry, ModbusBus
-from drivers.modbus_decode import apply_scale, encode_value
+from drivers.modbus_decode import encode_value, engineering_value
 from drivers.modbus_plan import plan_requests
 from tests.peers import Collector, ModbusPeer, free_port, running, sim_device
 
@@ -172,7 +172,7 @@ async def load_points(dev: Device, points: list[dict[str, Any]]) -> dict[str, fl
         raw = sample_value(point.type, index)
         words = encode_value(raw, point.type, point.word_order, point.byte_order)
         await dev.write(point.table, point.address, words)
-        expected[point.channel] = apply_scale(raw, point.scale, point.offset)
+        expected[point.channel] = engineering_value(raw, point.type, point.scale, point.offset)
     return expected
 
 
@@ -554,7 +554,7 @@ async def load_gapped(peer: ModbusPeer, sources: list[ModbusSource]) -> dict[str
             else:
                 words = encode_value(raw, point.type, point.word_order, point.byte_order)
                 await peer.write(source.unit_id, point.table, point.address, words)
-            expected[point.channel] = apply_scale(raw, point.scale, point.offset)
+            expected[point.channel] = engineering_value(raw, point.type, point.scale, point.offset)
     return expected
 
 
