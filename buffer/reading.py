@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -53,11 +54,16 @@ def now_us() -> int:
     return time.time_ns() // 1000
 
 
+@functools.lru_cache(maxsize=64)
+def _second_text(seconds: int) -> str:
+    """Return "YYYY-MM-DDTHH:MM:SS" of a whole second, cached because readings share seconds."""
+    return f"{dt.datetime.fromtimestamp(seconds, tz=dt.UTC):%Y-%m-%dT%H:%M:%S}"
+
+
 def format_ts(ts_us: int) -> str:
     """Format microseconds since the epoch as RFC 3339 UTC with microseconds."""
     seconds, micros = divmod(ts_us, 1_000_000)
-    base = dt.datetime.fromtimestamp(seconds, tz=dt.UTC)
-    return f"{base:%Y-%m-%dT%H:%M:%S}.{micros:06d}Z"
+    return f"{_second_text(seconds)}.{micros:06d}Z"
 
 
 def reading_to_json(reading: StoredReading) -> dict[str, object]:

@@ -160,6 +160,9 @@ def engineering_value(raw: float, type_name: str, scale: float, offset: float) -
     return value
 
 
+_FLOAT32_MIN_NORMAL = 1.1754943508222875e-38
+
+
 def shortest_float32(value: float) -> float:
     """Return the float of the shortest decimal that a float32 reads back as the same value.
 
@@ -170,7 +173,11 @@ def shortest_float32(value: float) -> float:
     if not math.isfinite(value):
         return value
     packed = struct.pack(">f", value)
-    for digits in range(1, 10):
+    # Normal float32 values need 6 to 9 digits, and 6 digits of a value with
+    # fewer already match, so the loop starts at 6. Subnormals (below about
+    # 1.2e-38) may need fewer digits and take the full loop.
+    first = 6 if abs(value) >= _FLOAT32_MIN_NORMAL else 1
+    for digits in range(first, 10):
         candidate = float(f"{value:.{digits}g}")
         try:
             if struct.pack(">f", candidate) == packed:

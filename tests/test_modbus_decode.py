@@ -380,3 +380,16 @@ def test_engineering_value_float32_scaled() -> None:
     assert engineering_value(widened, "float32", 1.0, 0.0) == 3017.2
     assert engineering_value(937, "int16", 0.01, 0.0) == 9.37
     assert engineering_value(widened, "float64", 1.0, 0.0) == widened
+
+
+@given(st.integers(min_value=0, max_value=0xFFFFFFFF))
+def test_float32_shortest_round_trips(bits: int) -> None:
+    widened = struct.unpack(">f", bits.to_bytes(4, "big"))[0]
+    shortest = shortest_float32(widened)
+
+    if math.isnan(widened):
+        assert math.isnan(shortest)
+        return
+    assert struct.pack(">f", shortest) == struct.pack(">f", widened)
+    digits = repr(shortest).split("e")[0].replace("-", "").replace(".", "").strip("0")
+    assert len(digits) <= 9
