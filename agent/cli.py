@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:
+    from agent.runtime import Agent
     from config.model import Config
 
 __all__ = ["main"]
@@ -448,7 +449,7 @@ def _run(path: Path) -> int:
 
     configure_logging(config.agent.log_level, config.agent.log_format)
     try:
-        return asyncio.run(_run_agent(config))
+        return asyncio.run(_run_agent(config, path))
     except KeyFileError as exc:
         print(str(exc), file=sys.stderr)
         print(
@@ -457,10 +458,12 @@ def _run(path: Path) -> int:
         return EXIT_CONFIG
 
 
-async def _run_agent(config: Config) -> int:
+async def _run_agent(config: Config, path: Path) -> int:
     import structlog
 
+    from agent.health import MetricsListenError
     from agent.runtime import Agent
+    from agent.sdnotify import Notifier
     from buffer.store import BufferDatabaseError
 
     log = structlog.get_logger("agent.cli")
@@ -468,15 +471,28 @@ async def _run_agent(config: Config) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, _request_stop, stop, signum)
+    # Without a handler, SIGHUP would end the process before the agent runs.
+    reload_requests: list[Agent] = []
+    loop.add_signal_handler(signal.SIGHUP, _request_reload, reload_requests)
 
+    notifier = Notifier.from_environment()
     try:
-        await Agent(config).run(stop)
+        agent = Agent(config, config_path=path, notifier=notifier)
+        reload_requests.append(agent)
+        await agent.run(stop)
+    except MetricsListenError as exc:
+        log.error("agent_failed", error=str(exc))
+        print(f"rig-agent did not start: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
     except (OSError, BufferDatabaseError) as exc:
         # Opening the buffer failed (no rights on data_dir, a corrupt file, another
         # agent on the same data_dir, a disk error): nothing ran.
         log.error("agent_failed", error=str(exc))
         print(f"rig-agent did not start: {exc}", file=sys.stderr)
         return EXIT_RUNTIME
+    finally:
+        if notifier is not None:
+            notifier.close()
     return EXIT_OK
 
 
@@ -485,6 +501,16 @@ def _request_stop(stop: asyncio.Event, signum: int) -> None:
 
     structlog.get_logger("agent.cli").info("signal_received", signal=signal.Signals(signum).name)
     stop.set()
+
+
+def _request_reload(agents: list[Agent]) -> None:
+    """Ask the agent to reload its config; a SIGHUP before the agent exists is ignored."""
+    import structlog
+
+    log = structlog.get_logger("agent.cli")
+    log.info("signal_received", signal="SIGHUP")
+    for agent in agents:
+        agent.request_reload()
 
 
 if __name__ == "__main__":

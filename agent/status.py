@@ -50,13 +50,18 @@ def format_stats(rig_id: str, stats: BufferStats) -> str:
         f"rig {rig_id}: last seq {stats.last_seq}, {stats.rows} readings buffered, "
         f"{stats.dropped_rows} dropped, {stats.quarantined} quarantined, "
         f"{stats.db_bytes / 1024**2:.1f} MiB on disk",
+        *_loss_lines(stats),
         "",
-        f"{'sink':<12} {'cursor':>12} {'depth':>10}",
     ]
+    # The dropped column appears once the size cap has cost any sink a reading.
+    with_dropped = any(sink.dropped_buffer_full for sink in stats.sinks)
+    header = f"{'sink':<12} {'cursor':>12} {'depth':>10}"
+    lines.append(header + (f" {'dropped (buffer full)':>22}" if with_dropped else ""))
     if not stats.sinks:
         lines.append("(no sinks enabled: readings stay in the buffer)")
     for sink in stats.sinks:
-        lines.append(f"{sink.name:<12} {sink.cursor:>12} {sink.depth:>10}")
+        row = f"{sink.name:<12} {sink.cursor:>12} {sink.depth:>10}"
+        lines.append(row + (f" {sink.dropped_buffer_full:>22}" if with_dropped else ""))
 
     lines += ["", f"{'source':<16} {'channel':<24} {'value':>14} {'unit':<8} {'quality':<9} time"]
     for ch in stats.channels:
@@ -67,6 +72,31 @@ def format_stats(rig_id: str, stats: BufferStats) -> str:
         )
     lines += _quarantine_lines(stats)
     return "\n".join(lines)
+
+
+def _loss_lines(stats: BufferStats) -> list[str]:
+    """Render the readings lost to a full disk and the corrupt files set aside, when any."""
+    lines = []
+    if stats.dropped_disk_full:
+        when = (
+            f", the last at {format_ts(stats.last_disk_full_us)}"
+            if stats.last_disk_full_us is not None
+            else ""
+        )
+        lines.append(
+            f"{stats.dropped_disk_full} readings dropped because the disk was full "
+            f"or short of buffer.min_free_bytes{when}"
+        )
+    if stats.corrupt_databases_set_aside:
+        count = stats.corrupt_databases_set_aside
+        listed = len(stats.set_aside_paths)
+        newest = f", the newest {listed} here" if listed < count else ""
+        lines.append(
+            f"{count} corrupt buffer database file{'s' if count != 1 else ''} moved aside "
+            f"and replaced by a new database{newest}:"
+        )
+        lines += [f"  {path}" for path in stats.set_aside_paths]
+    return lines
 
 
 def _quarantine_lines(stats: BufferStats) -> list[str]:

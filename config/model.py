@@ -111,8 +111,36 @@ class AgentSection(_Section):
     data_dir: Path = Path("/var/lib/rig-agent")
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-    # NOTE: accepted so that configs stay valid; no metrics endpoint is served yet.
     metrics_listen: str = "127.0.0.1:9108"
+    """Address of the /metrics and /healthz server as "HOST:PORT"; "" turns it off."""
+    clock_check: Literal["adjtimex", "off"] = "adjtimex"
+    """Source of the system clock's synchronization state.
+
+    With "adjtimex", readings taken while the kernel reports the clock as
+    unsynchronized get quality uncertain. With "off", the state is unknown,
+    qualities are left as the drivers set them, and clock jumps are not watched.
+    """
+    clock_jump_threshold: Duration = 2.0
+    """Smallest step of the wall clock against the monotonic clock that counts as a jump."""
+
+    @field_validator("metrics_listen")
+    @classmethod
+    def _valid_listen(cls, value: str) -> str:
+        if value == "":
+            return value
+        # Imported here: the health module pulls in the HTTP server and prometheus_client.
+        from agent.health import parse_listen
+
+        try:
+            parse_listen(value)
+        except ValueError as exc:
+            # The loader already shows the key and the value, so drop them from the message.
+            message = str(exc).removeprefix(f'agent.metrics_listen = "{value}"')
+            message = message.lstrip(": ")
+            if message.startswith("has "):
+                message = f"the address {message}"
+            raise ValueError(message) from None
+        return value
 
 
 class BufferSection(_Section):

@@ -58,6 +58,11 @@ class DeviceCounters:
     """Polls that found the serial port or TCP connection down."""
     null_values: Counter[str] = field(default_factory=Counter)
     """Values equal to the point's null_value, by channel; each produced no reading."""
+    responding: bool | None = None
+    """Whether the device responded to its latest request, or None before the first one ends.
+
+    An exception response or an invalid response counts as a response.
+    """
 
     @property
     def failures(self) -> int:
@@ -181,6 +186,7 @@ class ModbusDriver:
         except LinkDown:
             # The bus logs the link state once for all its devices.
             self.counters.link_down += 1
+            self.counters.responding = False
             return self._mark_bad(self.source.points), False
         except DeviceTimeout as exc:
             return self._device_failed(str(exc)), False
@@ -188,15 +194,19 @@ class ModbusDriver:
             if exc.code in UNREACHABLE_CODES:
                 return self._device_failed(str(exc)), False
             self.counters.exception_responses += 1
+            self.counters.responding = True
             return self._request_failed(index, request, str(exc)), True
         except InvalidResponse as exc:
             self.counters.invalid_responses += 1
+            self.counters.responding = True
             return self._request_failed(index, request, str(exc)), True
+        self.counters.responding = True
         return self._request_read(index, request, data), True
 
     def _device_failed(self, error: str) -> list[Reading]:
         """Start or continue the device's backoff and mark all its points bad."""
         self.counters.timeouts += 1
+        self.counters.responding = False
         retry_in_s = self._backoff.next_delay()
         self._probe_at = time.monotonic() + retry_in_s
         self._unresponsive.fail(

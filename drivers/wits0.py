@@ -124,6 +124,20 @@ class Wits0Counters:
     packets_without_device_time: int = 0
     """Packets stamped with the receive time because no record carried both date and time."""
     transmitted_packets: int = 0
+    links_lost: int = 0
+    """Times an open link failed or was closed by the other end."""
+
+    @property
+    def failures(self) -> int:
+        """Failed opens, lost and silent links, and data that could not be read as packets."""
+        return (
+            self.open_failures
+            + self.links_lost
+            + self.watchdog_timeouts
+            + self.malformed_lines
+            + self.discarded_packets
+            + self.oversize_packets
+        )
 
     def update_from(self, parser: ParserCounters) -> None:
         """Copy the parser's running totals."""
@@ -568,12 +582,14 @@ class Wits0Driver:
                 return "silent"
             except OSError as exc:
                 # A vanished serial port raises pyserial's SerialException, which is an OSError.
+                self.counters.links_lost += 1
                 self._link_outage.fail(self._log, "wits0_link_lost", error=str(exc))
                 return "lost"
             if not data:
                 if listener is not None and listener.has_pending:
                     return "replaced"
                 error = self._write_error or "the link was closed by the other end"
+                self.counters.links_lost += 1
                 self._link_outage.fail(self._log, "wits0_link_lost", error=error)
                 return "lost"
             await self._received(data, emit)

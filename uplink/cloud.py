@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePrivateKey
 from buffer.reading import StoredReading, reading_to_json
 from config.model import CloudSection
 from uplink.auth import DeviceAuth, TokenMinter
-from uplink.mqtt import BufferLike, reconnect_delay
+from uplink.mqtt import Beat, BufferLike, await_beating, no_beat, reconnect_delay
 
 __all__ = [
     "READINGS_PATH",
@@ -131,13 +131,16 @@ class CloudSink:
         max_delay: float = RETRY_MAX_DELAY,
         max_retry_after: float = RETRY_AFTER_MAX,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        beat: Beat | None = None,
     ) -> None:
+        """Prepare the sink; `beat` is called at least once a second while it makes progress."""
         self._cfg = cfg
         self._rig_id = rig_id
         self._buffer = buffer
         self._max_delay = max_delay
         self._max_retry_after = max_retry_after
         self._sleep = sleep
+        self._beat: Beat = beat if beat is not None else no_beat
         self._log = log.bind(sink=self.name, url=cfg.base_url)
         minter = TokenMinter(
             key, device_id=cfg.device_id, audience=cfg.audience, lifetime=cfg.token_lifetime
@@ -206,9 +209,11 @@ class CloudSink:
             cursor = await self._buffer.cursor(self.name)
             self._log.info("cloud_sink_started", cursor=cursor, batch_max_readings=limit)
             while True:
+                self._beat()
                 batch = await self._buffer.read_batch(self.name, limit, after_seq=cursor)
                 if not batch:
-                    await self._buffer.wait_for_data(cursor, timeout=self._cfg.interval)
+                    idle = self._buffer.wait_for_data(cursor, timeout=self._cfg.interval)
+                    await await_beating(idle, self._beat, self._cfg.interval)
                     continue
                 await self._deliver(client, batch)
                 cursor = batch[-1].seq
@@ -221,6 +226,7 @@ class CloudSink:
         """
         parts = [batch]
         while parts:
+            self._beat()
             part = parts.pop()
             rejected = await self._upload(client, part)
             if rejected is None:
@@ -257,9 +263,13 @@ class CloudSink:
         }
         attempt = 0
         while True:
+            self._beat()
             self._requests += 1
             try:
-                response = await client.post(READINGS_PATH, content=body, headers=headers)
+                # httpx applies the timeout to each step (connect, write, read), so a slow
+                # but moving upload keeps beating for as long as it takes.
+                post = client.post(READINGS_PATH, content=body, headers=headers)
+                response = await await_beating(post, self._beat, None)
             except httpx.TransportError as exc:
                 self._connected = False
                 delay = reconnect_delay(attempt, RETRY_BASE_DELAY, self._max_delay)
@@ -272,7 +282,7 @@ class CloudSink:
                 delay = self._retry_delay(response, attempt)
                 self._on_failure(part, _reason(response), response.status_code, delay)
             attempt += 1
-            await self._sleep(delay)
+            await await_beating(self._sleep(delay), self._beat, delay)
 
     def _classify(
         self, part: list[StoredReading], response: httpx.Response

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import math
 import os
 import random
 import ssl
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn, Protocol
+from typing import Any, NoReturn, Protocol, TypeVar
 
 import aiomqtt
 import structlog
@@ -22,16 +24,23 @@ from config.model import MqttSection
 from uplink.auth import CREDENTIALS_VARIABLE
 
 __all__ = [
+    "BEAT_GRACE",
+    "BEAT_INTERVAL",
+    "Beat",
     "BufferLike",
     "MqttSink",
     "PasswordFileError",
+    "await_beating",
     "build_payload",
     "group_readings",
+    "no_beat",
     "read_password_file",
     "reconnect_delay",
 ]
 
 log = structlog.get_logger(__name__)
+
+_T = TypeVar("_T")
 
 RECONNECT_BASE_DELAY = 0.5
 RECONNECT_MAX_DELAY = 30.0
@@ -49,6 +58,47 @@ STOP_GRACE = 0.5
 """Seconds a clean stop waits for in-flight PUBACKs before abandoning them."""
 STATUS_TIMEOUT = 1.0
 """Seconds a clean stop waits for the offline status PUBACK, and again for the disconnect."""
+CONNECT_LIMIT = CONNECT_TIMEOUT + 10.0
+"""Maximum seconds a connect takes: paho-mqtt 2.2 allows 5 s each for the TCP connect and the
+TLS handshake, then aiomqtt waits CONNECT_TIMEOUT for CONNACK."""
+
+BEAT_INTERVAL = 1.0
+"""Maximum seconds between two heartbeats of a sink that waits on bounded work."""
+BEAT_GRACE = 5.0
+"""Seconds that bounded work may run past its own limit before the heartbeats stop."""
+
+Beat = Callable[[], None]
+"""Records that a sink made progress; the agent passes the `beat` of the sink's Heartbeat."""
+
+
+def no_beat() -> None:
+    """Record nothing: the heartbeat of a sink that runs without the agent's liveness checks."""
+
+
+async def await_beating(work: Awaitable[_T], beat: Beat, limit: float | None) -> _T:
+    """Await `work` and call `beat` every BEAT_INTERVAL seconds while it runs.
+
+    `limit` is the maximum time the work takes through its own timeouts,
+    such as the length of a sleep. Once the work has run BEAT_GRACE seconds past
+    it, the beats stop, so a wait that hangs shows in the agent's liveness
+    checks. None suits work that has no total limit but fails when one step
+    makes no progress, such as an HTTP request with per-operation timeouts.
+    Cancelling the caller cancels the work.
+    """
+    task = asyncio.ensure_future(work)
+    loop = asyncio.get_running_loop()
+    deadline = math.inf if limit is None else loop.time() + limit + BEAT_GRACE
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=BEAT_INTERVAL)
+            if done:
+                return task.result()
+            if loop.time() < deadline:
+                beat()
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
 
 class BufferLike(Protocol):
@@ -193,6 +243,7 @@ class _Settings:
     publish_timeout: float
     buffer: BufferLike
     log: Any
+    beat: Beat
 
     @property
     def status_topic(self) -> str:
@@ -222,7 +273,9 @@ class MqttSink:
         buffer: BufferLike,
         publish_timeout: float = PUBLISH_TIMEOUT,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        beat: Beat | None = None,
     ) -> None:
+        """Prepare the sink; `beat` is called at least once a second while it makes progress."""
         if cfg.password_file and not cfg.username:
             msg = (
                 f"mqtt.password_file is set to {cfg.password_file!r} but mqtt.username is "
@@ -244,9 +297,11 @@ class MqttSink:
             publish_timeout=publish_timeout,
             buffer=buffer,
             log=self._log,
+            beat=no_beat if beat is None else beat,
         )
 
         self._connected = False
+        self._last_success: float | None = None
         self._published = 0
         self._messages = 0
         self._reconnects = 0
@@ -258,6 +313,11 @@ class MqttSink:
     def connected(self) -> bool:
         """True while a broker connection is up."""
         return self._connected
+
+    @property
+    def last_success(self) -> float | None:
+        """Unix time of the last message the broker acknowledged, or None before the first."""
+        return self._last_success
 
     @property
     def published(self) -> int:
@@ -295,8 +355,10 @@ class MqttSink:
         file is read before every connection attempt, so a changed password
         takes effect at the next reconnect.
         """
+        beat = self._settings.beat
         attempt = 0
         while True:
+            beat()
             password = None
             if self._cfg.password_file:
                 password = read_password_file(self._cfg.password_file)
@@ -313,7 +375,7 @@ class MqttSink:
             delay = reconnect_delay(attempt)
             attempt += 1
             self._on_failure(failure, delay)
-            await self._sleep(delay)
+            await await_beating(self._sleep(delay), beat, delay)
 
     def _new_client(self, password: str | None) -> aiomqtt.Client:
         # A fresh client per attempt: a reused paho client re-sends every
@@ -363,6 +425,18 @@ class MqttSink:
     def _on_acked(self, pending: _Pending) -> None:
         self._published += pending.count
         self._messages += 1
+        self._last_success = time.time()
+
+
+@contextlib.asynccontextmanager
+async def _connection(client: aiomqtt.Client, beat: Beat) -> AsyncIterator[None]:
+    """Connect and disconnect like `async with client`, beating while either waits."""
+    await await_beating(client.__aenter__(), beat, CONNECT_LIMIT)
+    try:
+        yield
+    finally:
+        # aiomqtt's __aexit__ does not look at the exception, and never suppresses it.
+        await await_beating(client.__aexit__(None, None, None), beat, client.timeout)
 
 
 class _Session:
@@ -388,7 +462,7 @@ class _Session:
         """Deliver until the link breaks (raises MqttError) or the task is cancelled."""
         stopping = False
         try:
-            async with self._client:
+            async with _connection(self._client, self._s.beat):
                 self.entered = True
                 on_connected()
                 watcher = asyncio.create_task(self._watch_link())
@@ -416,13 +490,14 @@ class _Session:
         self._tracker = _AckTracker(cursor)
         self._committed = cursor
         self._handed_out = cursor
-        await self._client.publish(
+        online = self._client.publish(
             self._s.status_topic,
             _status_payload("online", self._s.rig_id),
             qos=1,
             retain=True,
             timeout=self._s.publish_timeout,
         )
+        await await_beating(online, self._s.beat, self._s.publish_timeout)
 
     async def _watch_link(self) -> None:
         # The sink subscribes to nothing, so this loop only ends with the
@@ -435,6 +510,8 @@ class _Session:
 
     async def _deliver(self, watcher: asyncio.Task[None]) -> NoReturn:
         while True:
+            # Each pass waits at most IDLE_WAIT, so an idle sink beats about once a second.
+            self._s.beat()
             self._raise_if_broken(watcher)
             await self._commit()
             free = self._s.max_inflight - len(self._inflight)

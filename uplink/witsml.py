@@ -29,7 +29,7 @@ from uplink.cloud import (
     _ssl_context,
     parse_retry_after,
 )
-from uplink.mqtt import reconnect_delay
+from uplink.mqtt import Beat, await_beating, no_beat, reconnect_delay
 from uplink.witsml_doc import (
     Curve,
     LogHeader,
@@ -157,7 +157,9 @@ class WitsmlSink:
         max_delay: float = RETRY_MAX_DELAY,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        beat: Beat | None = None,
     ) -> None:
+        """Prepare the sink; `beat` is called at least once a second while it makes progress."""
         if not columns:
             msg = "the witsml sink needs at least one curve: add one to [witsml.curves]"
             raise ValueError(msg)
@@ -167,6 +169,7 @@ class WitsmlSink:
         self._max_delay = max_delay
         self._clock = clock
         self._sleep = sleep
+        self._beat: Beat = beat if beat is not None else no_beat
         self._period_us = _to_us(cfg.row_period)
         self._columns = tuple(columns)
         self._curves = tuple(Curve(c.mnemonic, c.unit, c.uid, c.description) for c in columns)
@@ -257,8 +260,10 @@ class WitsmlSink:
                 settle_s=self._cfg.settle,
             )
             while True:
+                self._beat()
                 if not await self._sync_once(client):
-                    await self._sleep(self._cfg.interval)
+                    pause = self._sleep(self._cfg.interval)
+                    await await_beating(pause, self._beat, self._cfg.interval)
 
     async def _sync_once(self, client: httpx.AsyncClient) -> bool:
         """Upload the closed readings of one buffer read; return True if more may be waiting."""
@@ -299,6 +304,7 @@ class WitsmlSink:
         waiting: list[_Quarantine] = []
         quarantined = 0
         while parts:
+            self._beat()
             lo, hi = parts.pop()
             rejected = await self._upload(client, state, lo, hi)
             # NOTE: a 422 about the whole log, such as a curve unit that differs from the
@@ -382,9 +388,12 @@ class WitsmlSink:
         }
         attempt = 0
         while True:
+            self._beat()
             self._requests += 1
             try:
-                response = await client.post(WITSML_PATH, content=body, headers=headers)
+                # As in the cloud sink: httpx times out each step, not the whole request.
+                post = client.post(WITSML_PATH, content=body, headers=headers)
+                response = await await_beating(post, self._beat, None)
             except httpx.TransportError as exc:
                 self._connected = False
                 delay = reconnect_delay(attempt, RETRY_BASE_DELAY, self._max_delay)
@@ -405,7 +414,7 @@ class WitsmlSink:
                 delay = self._retry_delay(response, attempt)
                 self._on_failure(fields, _reason(response), status, delay)
             attempt += 1
-            await self._sleep(delay)
+            await await_beating(self._sleep(delay), self._beat, delay)
 
     def _retry_delay(self, response: httpx.Response, attempt: int) -> float:
         if response.status_code in _THROTTLE_STATUSES:
