@@ -19,6 +19,28 @@ _DICT_TRACEBACKS = structlog.processors.ExceptionRenderer(
 )
 
 
+_threshold = logging.INFO
+"""Least severe level written. A module variable, so that a reload reaches bound loggers too."""
+
+
+def _drop_below_threshold(
+    _logger: object, method_name: str, event_dict: structlog.types.EventDict
+) -> structlog.types.EventDict:
+    """Drop an event less severe than the current level.
+
+    structlog's filtering loggers fix the level when a logger is bound, and
+    sinks and drivers bind theirs when they are built, so a level changed by
+    a config reload would not reach them. This processor reads the level at
+    each call instead.
+    """
+    level = logging.getLevelNamesMapping().get(method_name.upper(), logging.INFO)
+    if method_name == "exception":
+        level = logging.ERROR
+    if level < _threshold:
+        raise structlog.DropEvent
+    return event_dict
+
+
 def configure_logging(
     level: str = "info", log_format: LogFormat = "auto", stream: TextIO | None = None
 ) -> None:
@@ -28,7 +50,9 @@ def configure_logging(
     """
     out = stream if stream is not None else sys.stdout
     as_json = not out.isatty() if log_format == "auto" else log_format == "json"
+    global _threshold
     numeric_level = logging.getLevelNamesMapping()[level.upper()]
+    _threshold = numeric_level
     shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
@@ -46,8 +70,8 @@ def configure_logging(
         exception_processors = [structlog.dev.set_exc_info]
 
     structlog.configure(
-        processors=[*shared, *exception_processors, renderer],
-        wrapper_class=structlog.make_filtering_bound_logger(numeric_level),
+        processors=[_drop_below_threshold, *shared, *exception_processors, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
         logger_factory=structlog.WriteLoggerFactory(file=out),
         cache_logger_on_first_use=False,
     )

@@ -1164,6 +1164,17 @@ class WitsmlSection(_Section):
             raise ValueError(msg)
         return value
 
+    @field_validator("settle")
+    @classmethod
+    def _settle_at_most_1h(cls, value: float) -> float:
+        if value > _MAX_ROW_PERIOD:
+            msg = (
+                "too long: expected at most 1h, because no row is uploaded until its "
+                "period ended this long ago"
+            )
+            raise ValueError(msg)
+        return value
+
     @field_validator("row_period")
     @classmethod
     def _row_period_in_range(cls, value: float) -> float:

@@ -152,3 +152,27 @@ async def test_wits0_junk_warned_once() -> None:
     assert warnings[0]["new_junk_bytes"] > 0
     assert warnings[0]["log_level"] == "warning"
     assert emitted == []
+
+
+def test_log_level_reaches_bound_loggers() -> None:
+    """A level set again (as a reload does) applies to loggers bound before the change."""
+    out = io.StringIO()
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+    saved_library_level = logging.getLogger("pymodbus").level
+    try:
+        configure_logging("info", "json", stream=out)
+        bound = structlog.get_logger("test").bind(sink="mqtt")
+        bound.debug("before_reload")
+        configure_logging("debug", "json", stream=out)
+        bound.debug("after_reload")
+        configure_logging("warning", "json", stream=out)
+        bound.info("quiet_again")
+        bound.warning("still_shown")
+    finally:
+        structlog.reset_defaults()
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)
+        logging.getLogger("pymodbus").setLevel(saved_library_level)
+    events = [json.loads(line)["event"] for line in out.getvalue().splitlines()]
+    assert events == ["after_reload", "still_shown"]

@@ -881,3 +881,14 @@ def test_header_errors_case_reports_each() -> None:
         "witsml.max_rows",
         "witsml.log_uid",
     ]
+
+
+def test_settle_over_1h_rejected(tmp_path: Path) -> None:
+    """A settle over 1h would hold every row back that long, so it is rejected."""
+    text = AGENT + PLC + CLOUD + witsml_table(SPPA, settle='"30d"')
+    errors = rejected_at(tmp_path, text, "settle = ")
+    assert 'witsml.settle = "30d": too long: expected at most 1h' in errors
+
+    witsml = load(tmp_path, AGENT + PLC + CLOUD + witsml_table(SPPA, settle='"1h"')).witsml
+    assert witsml is not None
+    assert witsml.settle == 3600.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import logging
 import math
 import uuid
@@ -127,6 +128,7 @@ def make_sink(
     key: ec.EllipticCurvePrivateKey,
     *,
     clock: Callable[[], float] | None = None,
+    columns: tuple[WitsmlColumn, ...] = COLUMNS,
     **overrides: Any,
 ) -> WitsmlSink:
     cloud_cfg = CloudSection.model_validate(
@@ -147,14 +149,14 @@ def make_sink(
         "wellbore_name": "Example 1H OH",
         "log_uid": log_uid,
         "log_name": "Rig 07 time log",
-        "curves": {c.key: {"mnemonic": c.mnemonic} for c in COLUMNS},
+        "curves": {c.key: {"mnemonic": c.mnemonic} for c in columns},
     }
     cfg = WitsmlSection.model_validate(settings | overrides)
     extra: dict[str, Any] = {} if clock is None else {"clock": clock}
     return WitsmlSink(
         cfg,
         cloud_cfg,
-        columns=COLUMNS,
+        columns=columns,
         buffer=buffer,
         key=key,
         max_delay=MAX_DELAY,
@@ -499,3 +501,38 @@ async def test_unavailable_retried(
     assert len(recovered) == 1
     uploaded = [e for e in debug_logs if e["event"] == "witsml_document_uploaded"]
     assert [(e["log_level"], e["rows"], e["new_rows"]) for e in uploaded] == [("debug", 3, 3)]
+
+
+async def test_log_conflict_held_not_quarantined(
+    cloud: CloudService,
+    log_uid: str,
+    tmp_path: Path,
+    device_key: ec.EllipticCurvePrivateKey,
+    debug_logs: list[EventDict],
+) -> None:
+    """A unit that differs from the stored log keeps the readings and retries; nothing is lost."""
+    async with Buffer(tmp_path / "first", ["witsml"]) as first:
+        await first.append(steady_readings(2))
+        sink = make_sink(cloud, log_uid, first, device_key)
+        async with running(sink):
+            await wait_for_cursor(first, first.last_seq)
+
+    changed = (dataclasses.replace(COLUMNS[0], unit="kN"), COLUMNS[1])
+    async with Buffer(tmp_path / "second", ["witsml"]) as second:
+        await second.append(steady_readings(4))
+        conflicting = make_sink(cloud, log_uid, second, device_key, columns=changed)
+        async with running(conflicting):
+            await wait_until(lambda: _requests_at_least(conflicting, 3))
+        assert await second.cursor("witsml") == 0
+        assert await second.quarantined_count("witsml") == 0
+
+    assert conflicting.rejected_rows == 0
+    conflicts = [e for e in debug_logs if e["event"] == "witsml_log_conflict"]
+    assert len(conflicts) == 1
+    assert conflicts[0]["log_level"] == "error"
+    assert "kN" in conflicts[0]["reason"]
+    assert await stored_rows(cloud, log_uid) == steady_rows(2)
+
+
+async def _requests_at_least(sink: WitsmlSink, count: int) -> bool:
+    return sink.requests >= count

@@ -307,8 +307,6 @@ class WitsmlSink:
             self._beat()
             lo, hi = parts.pop()
             rejected = await self._upload(client, state, lo, hi)
-            # NOTE: a 422 about the whole log, such as a curve unit that differs from the
-            # stored log, also ends here, so every row is then quarantined one by one.
             if rejected is not None and hi - lo > 1:
                 middle = (lo + hi) // 2
                 # Pushed in reverse, so the earlier rows are uploaded first.
@@ -404,6 +402,24 @@ class WitsmlSink:
                 if response.is_success:
                     self._on_success(fields, response)
                     return None
+                if status == 422 and _response_reason(response) == LOG_CONFLICT_REASON:
+                    # The config no longer matches the log the service stores (a curve
+                    # unit, the well uid or the null value changed). No row can be
+                    # stored until someone fixes one of the two, so the readings stay
+                    # in the buffer and the upload is retried as after an outage.
+                    delay = self._max_delay
+                    if self._outage_started is None:
+                        self._log.error(
+                            "witsml_log_conflict",
+                            reason=_reason(response),
+                            fix="make [witsml] match the stored log, or use a new log_uid, "
+                            "then reload the config",
+                            **fields,
+                        )
+                    self._on_failure(fields, _reason(response), status, delay)
+                    attempt += 1
+                    await await_beating(self._sleep(delay), self._beat, delay)
+                    continue
                 if status in _SPLIT_STATUSES:
                     self._on_recovered()
                     rejected = _Rejected(status, _reason(response))
@@ -457,6 +473,20 @@ class WitsmlSink:
         )
         self._outage_started = None
         self._failures = 0
+
+
+LOG_CONFLICT_REASON = "log_conflict"
+"""`reason` of a 422 that rejects the whole log rather than a row."""
+
+
+def _response_reason(response: httpx.Response) -> str | None:
+    """Return the `reason` field of a JSON error response, or None."""
+    try:
+        document = response.json()
+    except ValueError:
+        return None
+    reason = document.get("reason") if isinstance(document, dict) else None
+    return reason if isinstance(reason, str) else None
 
 
 def _to_us(seconds: float) -> int:
