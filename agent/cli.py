@@ -448,6 +448,20 @@ def _run(path: Path) -> int:
     from uplink.auth import KeyFileError
 
     configure_logging(config.agent.log_level, config.agent.log_format)
+    if config.mqtt is not None and config.mqtt.password_file:
+        from uplink.mqtt import PasswordFileError, read_password_file
+
+        # Read once now, so that a missing file stops the agent with one message
+        # instead of failing the MQTT sink at every reconnect.
+        try:
+            read_password_file(config.mqtt.password_file)
+        except PasswordFileError as exc:
+            print(str(exc), file=sys.stderr)
+            print(
+                "rig-agent did not start: fix the password file and start it again.",
+                file=sys.stderr,
+            )
+            return EXIT_CONFIG
     try:
         return asyncio.run(_run_agent(config, path))
     except KeyFileError as exc:

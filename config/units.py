@@ -26,6 +26,7 @@ _SIZE_UNITS: dict[str, int] = {
     "KB": 1000,
     "MB": 1000**2,
     "GB": 1000**3,
+    "TB": 1000**4,
     "KiB": 1024,
     "MiB": 1024**2,
     "GiB": 1024**3,
@@ -94,7 +95,10 @@ def parse_size(value: Any) -> int:
         raise ValueError(msg)  # noqa: TRY004 - pydantic reports ValueError as a field error
     match = _SIZE_RE.match(value)
     if match is None:
-        msg = f"invalid size {value!r}: write a number and one of B, KB, MB, GB, KiB, MiB, GiB, TiB"
+        msg = (
+            f"invalid size {value!r}: write a number and one of "
+            "B, KB, MB, GB, TB, KiB, MiB, GiB, TiB"
+        )
         raise ValueError(msg)
     return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
 
@@ -110,7 +114,7 @@ def format_duration(seconds: float) -> str:
 
 def format_size(size: int) -> str:
     """Format bytes as a config file would write them, in the largest unit that divides exactly."""
-    for unit in ("TiB", "GiB", "MiB", "KiB", "GB", "MB", "KB"):
+    for unit in ("TiB", "TB", "GiB", "GB", "MiB", "MB", "KiB", "KB"):
         factor = _SIZE_UNITS[unit]
         if size >= factor and size % factor == 0:
             return f"{size // factor}{unit}"
@@ -150,7 +154,7 @@ ByteSize = Annotated[
             "type": "string",
             "pattern": _SIZE_RE.pattern,
             "description": (
-                'A number and a unit of B, KB, MB, GB, KiB, MiB, GiB or TiB, such as "2GiB".'
+                'A number and a unit of B, KB, MB, GB, TB, KiB, MiB, GiB or TiB, such as "2GiB".'
             ),
         },
         mode="validation",

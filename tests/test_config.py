@@ -1000,6 +1000,7 @@ def test_parse_duration_rejects(value: object, fragment: str) -> None:
         ("2GiB", 2 * 1024**3),
         ("1.5GB", 1_500_000_000),
         ("1TiB", 1024**4),
+        ("2TB", 2 * 1000**4),
     ],
 )
 def test_parse_size(text: str, size: int) -> None:
@@ -1031,6 +1032,7 @@ def test_parse_size_rejects(value: object, fragment: str) -> None:
         (512 * 1024**2, "512MiB"),
         (1_000_000, "1MB"),
         (1000, "1KB"),
+        (3 * 1000**4, "3TB"),
         (7, "7B"),
     ],
 )

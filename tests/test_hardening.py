@@ -176,3 +176,25 @@ def test_log_level_reaches_bound_loggers() -> None:
         logging.getLogger("pymodbus").setLevel(saved_library_level)
     events = [json.loads(line)["event"] for line in out.getvalue().splitlines()]
     assert events == ["after_reload", "still_shown"]
+
+
+def test_missing_password_file_stops_run(tmp_path: Path) -> None:
+    """A missing mqtt.password_file stops `run` at start, naming the file, not at each reconnect."""
+    missing = tmp_path / "mqtt-password"
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        f'[agent]\nrig_id = "r"\ndata_dir = "{tmp_path}"\nlog_format = "json"\n'
+        f'metrics_listen = ""\n\n[mqtt]\nurl = "mqtt://127.0.0.1:1"\nusername = "rig"\n'
+        f'password_file = "{missing}"\n'
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "run", "-c", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert str(missing) in result.stderr
+    assert "rig-agent did not start" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
