@@ -71,6 +71,12 @@ class SinkSnapshot:
     """Counter of readings this sink never got because the buffer reached max_bytes."""
     quarantined: int = 0
     """Counter of readings the destination rejected and the buffer set aside."""
+    backfill: int = 0
+    """Readings the backlog lane has still to send after an outage; 0 when not draining."""
+    backfill_oldest_age_seconds: float | None = None
+    """Age of the oldest of those readings, or None when there is none."""
+    backfill_drain_seconds: float | None = None
+    """Estimated seconds until the backlog lane is done; None while the rate is unknown."""
 
 
 @dataclass(frozen=True)
@@ -234,6 +240,32 @@ def _sink_metrics(sinks: tuple[SinkSnapshot, ...]) -> Iterator[Metric]:
         dropped.add_metric([sink.name], sink.dropped)
         quarantined.add_metric([sink.name], sink.quarantined)
     yield from (connected, last_success, depth, oldest_age, dropped, quarantined)
+    yield from _backfill_metrics(sinks)
+
+
+def _backfill_metrics(sinks: tuple[SinkSnapshot, ...]) -> Iterator[Metric]:
+    backfill = GaugeMetricFamily(
+        PREFIX + "sink_backfill_readings",
+        "Readings the backlog lane has still to send after an outage; 0 when not draining.",
+        labels=["sink"],
+    )
+    oldest_age = GaugeMetricFamily(
+        PREFIX + "sink_backfill_oldest_age_seconds",
+        "Age of the oldest reading the backlog lane has still to send; 0 when none.",
+        labels=["sink"],
+    )
+    drain = GaugeMetricFamily(
+        PREFIX + "sink_backfill_drain_estimate_seconds",
+        "Estimated seconds until the backlog lane is done; absent while the rate is unknown.",
+        labels=["sink"],
+    )
+    for sink in sinks:
+        backfill.add_metric([sink.name], sink.backfill)
+        age = sink.backfill_oldest_age_seconds
+        oldest_age.add_metric([sink.name], 0.0 if age is None else age)
+        if sink.backfill_drain_seconds is not None:
+            drain.add_metric([sink.name], sink.backfill_drain_seconds)
+    yield from (backfill, oldest_age, drain)
 
 
 def _buffer_metrics(buffer: BufferSnapshot) -> Iterator[Metric]:

@@ -479,6 +479,9 @@ class Agent:
         by_name = {s.name: s for s in stats.sinks} if stats is not None else {}
         sink_stats = by_name.get(sink.name)
         oldest = self._oldest_ts_us.get(sink.name)
+        backlogs = {b.name: b for b in stats.backlogs} if stats is not None else {}
+        backlog = backlogs.get(sink.name)
+        backfill_oldest = None if backlog is None else backlog.oldest_ts_us
         return SinkSnapshot(
             name=sink.name,
             connected=sink.connected,
@@ -487,6 +490,13 @@ class Agent:
             oldest_unacknowledged_age_seconds=None if oldest is None else now - oldest / 1e6,
             dropped=0 if sink_stats is None else sink_stats.dropped_buffer_full,
             quarantined=self._quarantined.get(sink.name, 0),
+            backfill=0 if backlog is None else backlog.depth,
+            backfill_oldest_age_seconds=(
+                None if backfill_oldest is None else now - backfill_oldest / 1e6
+            ),
+            backfill_drain_seconds=(
+                None if backlog is None else backlog.drain_seconds(round(now * 1e6))
+            ),
         )
 
     def _clock_snapshot(self) -> ClockSnapshot:

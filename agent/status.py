@@ -8,10 +8,10 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from buffer.reading import format_ts
+from buffer.reading import format_ts, now_us
 from buffer.store import BufferDatabaseError, BufferStats, read_stats
 
-__all__ = ["format_stats", "run_status"]
+__all__ = ["format_duration_short", "format_stats", "run_status"]
 
 
 def run_status(config_path: Path, *, watch: bool, as_json: bool) -> int:
@@ -44,8 +44,12 @@ def run_status(config_path: Path, *, watch: bool, as_json: bool) -> int:
         return 0
 
 
-def format_stats(rig_id: str, stats: BufferStats) -> str:
-    """Render buffer statistics as a plain-text screen."""
+def format_stats(rig_id: str, stats: BufferStats, *, now: int | None = None) -> str:
+    """Render buffer statistics as a plain-text screen.
+
+    `now` is the time in microseconds since the epoch that backlog ages are
+    measured against; the default is the current time.
+    """
     lines = [
         f"rig {rig_id}: last seq {stats.last_seq}, {stats.rows} readings buffered, "
         f"{stats.dropped_rows} dropped, {stats.quarantined} quarantined, "
@@ -62,6 +66,7 @@ def format_stats(rig_id: str, stats: BufferStats) -> str:
     for sink in stats.sinks:
         row = f"{sink.name:<12} {sink.cursor:>12} {sink.depth:>10}"
         lines.append(row + (f" {sink.dropped_buffer_full:>22}" if with_dropped else ""))
+    lines += _backlog_lines(stats, now_us() if now is None else now)
 
     lines += ["", f"{'source':<16} {'channel':<24} {'value':>14} {'unit':<8} {'quality':<9} time"]
     for ch in stats.channels:
@@ -97,6 +102,44 @@ def _loss_lines(stats: BufferStats) -> list[str]:
         )
         lines += [f"  {path}" for path in stats.set_aside_paths]
     return lines
+
+
+def _backlog_lines(stats: BufferStats, now: int) -> list[str]:
+    """Render the backlog lane of each sink that drains one after an outage, if any does."""
+    draining = [b for b in stats.backlogs if b.split is not None or b.depth > 0]
+    if not draining:
+        return []
+    lines = [
+        "",
+        "backlog lanes (new readings go first, older ones drain behind them):",
+        f"{'sink':<12} {'backlog':>10} {'oldest':>10} {'time left':>10} {'split seq':>12}",
+    ]
+    for backlog in draining:
+        oldest = "-"
+        if backlog.oldest_ts_us is not None:
+            oldest = format_duration_short((now - backlog.oldest_ts_us) / 1e6)
+        left = backlog.drain_seconds(now)
+        estimate = "unknown" if left is None else format_duration_short(left)
+        split = "-" if backlog.split is None else str(backlog.split)
+        lines.append(
+            f"{backlog.name:<12} {backlog.depth:>10} {oldest:>10} {estimate:>10} {split:>12}"
+        )
+    return lines
+
+
+def format_duration_short(seconds: float) -> str:
+    """Format a duration in its two largest units, such as "2h 05m", "6m 02s" or "45s"."""
+    total = max(0, round(seconds))
+    days, rest = divmod(total, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours:02d}h"
+    if hours:
+        return f"{hours}h {minutes:02d}m"
+    if minutes:
+        return f"{minutes}m {secs:02d}s"
+    return f"{secs}s"
 
 
 def _quarantine_lines(stats: BufferStats) -> list[str]:

@@ -22,6 +22,7 @@ from typing import Self, TextIO, TypeVar
 
 import structlog
 
+from buffer.ranges import RangeSet
 from buffer.reading import Quality, Reading, StoredReading, now_us
 
 __all__ = [
@@ -34,7 +35,9 @@ __all__ = [
     "ChannelValue",
     "CorruptDatabaseError",
     "ForeignDatabaseError",
+    "LaneState",
     "QuarantinedReading",
+    "SinkBacklog",
     "SinkStats",
     "check_reading",
     "read_stats",
@@ -130,12 +133,19 @@ _SELECT_BATCH = """
     FROM readings AS r JOIN channels AS c ON c.id = r.channel_id
     WHERE r.seq > ? ORDER BY r.seq LIMIT ?
 """
+_SELECT_RANGE = """
+    SELECT r.seq, r.ts_us, c.source, c.channel, r.value, c.unit, r.quality
+    FROM readings AS r JOIN channels AS c ON c.id = r.channel_id
+    WHERE r.seq >= ? AND r.seq <= ? ORDER BY r.seq LIMIT ?
+"""
+_SELECT_FIRST_TS = "SELECT ts_us FROM readings WHERE seq >= ? AND seq <= ? ORDER BY seq LIMIT 1"
 _UPSERT_CURSOR = """
     INSERT INTO cursors (sink, seq) VALUES (?, ?)
     ON CONFLICT (sink) DO UPDATE SET seq = max(seq, excluded.seq)
 """
 _SELECT_CURSORS = "SELECT sink, seq FROM cursors"
 _DELETE_UP_TO = "DELETE FROM readings WHERE seq <= ?"
+_DELETE_BETWEEN = "DELETE FROM readings WHERE seq >= ? AND seq <= ?"
 _SELECT_COUNTERS = "SELECT name, value FROM counters"
 _ADD_TO_COUNTER = """
     INSERT INTO counters (name, value) VALUES (?, ?)
@@ -190,6 +200,50 @@ _CREATE_SET_ASIDE = """
     )
 """
 _INSERT_SET_ASIDE = "INSERT INTO set_aside (path, reason, set_aside_us) VALUES (?, ?, ?)"
+# The three lane tables are added like quarantine: created when missing, no version bump.
+# A sink that sends a live lane ahead of its backlog acknowledges ranges above its cursor.
+# acked_ranges keeps them, each range starting at least two above the sink's cursor,
+# so that a gap of unacknowledged readings separates it from the cursor.
+_CREATE_ACKED_RANGES = """
+    CREATE TABLE IF NOT EXISTS acked_ranges (
+        sink TEXT NOT NULL,
+        first_seq INTEGER NOT NULL,
+        last_seq INTEGER NOT NULL,
+        PRIMARY KEY (sink, first_seq)
+    ) WITHOUT ROWID
+"""
+_SELECT_ACKED_RANGES = "SELECT sink, first_seq, last_seq FROM acked_ranges ORDER BY sink, first_seq"
+_DELETE_ACKED_RANGES_OF_SINK = "DELETE FROM acked_ranges WHERE sink = ?"
+_INSERT_ACKED_RANGE = "INSERT INTO acked_ranges (sink, first_seq, last_seq) VALUES (?, ?, ?)"
+# The split seq of a sink draining a backlog: readings up to it form the backlog lane.
+# started_us and depth record when the split was set and the backlog it had then, from
+# which the drain rate and the time left are estimated.
+_CREATE_SPLITS = """
+    CREATE TABLE IF NOT EXISTS splits (
+        sink TEXT PRIMARY KEY,
+        seq INTEGER NOT NULL,
+        started_us INTEGER NOT NULL,
+        depth INTEGER NOT NULL
+    )
+"""
+_SELECT_SPLITS = "SELECT sink, seq, started_us, depth FROM splits"
+_UPSERT_SPLIT = """
+    INSERT INTO splits (sink, seq, started_us, depth) VALUES (?, ?, ?, ?)
+    ON CONFLICT (sink) DO UPDATE
+    SET seq = excluded.seq, started_us = excluded.started_us, depth = excluded.depth
+"""
+_DELETE_SPLIT = "DELETE FROM splits WHERE sink = ?"
+# Ranges of rows deleted above the lowest remaining row, because every enabled sink had
+# acknowledged them in its acked ranges. Kept so that row counts stay exact arithmetic.
+_CREATE_DELETED_RANGES = """
+    CREATE TABLE IF NOT EXISTS deleted_ranges (
+        first_seq INTEGER PRIMARY KEY,
+        last_seq INTEGER NOT NULL
+    )
+"""
+_SELECT_DELETED_RANGES = "SELECT first_seq, last_seq FROM deleted_ranges ORDER BY first_seq"
+_DELETE_DELETED_RANGES = "DELETE FROM deleted_ranges"
+_INSERT_DELETED_RANGE = "INSERT INTO deleted_ranges (first_seq, last_seq) VALUES (?, ?)"
 _COUNT_SET_ASIDE = "SELECT count(*) FROM set_aside"
 _SELECT_SET_ASIDE_NEWEST = "SELECT path FROM set_aside ORDER BY id DESC LIMIT ?"
 _SELECT_SET_ASIDE_ALL = "SELECT path, reason, set_aside_us FROM set_aside ORDER BY id"
@@ -254,7 +308,63 @@ class SinkStats:
     depth: int
     """Readings in the buffer with `seq` above the cursor."""
     dropped_buffer_full: int = 0
-    """Readings above this sink's cursor that the size cap deleted before delivery."""
+    """Readings this sink had not acknowledged that the size cap deleted before delivery."""
+
+
+@dataclass(frozen=True, slots=True)
+class SinkBacklog:
+    """Backlog of one sink that sends a live lane ahead of its backlog lane."""
+
+    name: str
+    split: int | None
+    """Readings up to this seq form the backlog lane; None when the sink is not draining."""
+    depth: int
+    """Readings in the buffer that the backlog lane has still to send."""
+    oldest_ts_us: int | None
+    """Timestamp of the oldest of those readings, or None when there is none."""
+    split_us: int | None = None
+    """When the split was set, in microseconds since the epoch."""
+    split_depth: int = 0
+    """Readings the backlog lane had to send when the split was set."""
+
+    def drain_seconds(self, now_us: int) -> float | None:
+        """Estimate the seconds until the backlog is sent, from the average rate since the split.
+
+        Returns 0.0 without a backlog, and None while the rate is unknown because
+        nothing of the backlog has been acknowledged since the split was set.
+        """
+        if self.depth == 0:
+            return 0.0
+        if self.split_us is None:
+            return None
+        drained = self.split_depth - self.depth
+        elapsed = (now_us - self.split_us) / 1e6
+        if drained <= 0 or elapsed <= 0:
+            return None
+        return self.depth * elapsed / drained
+
+
+@dataclass(frozen=True, slots=True)
+class LaneState:
+    """Positions of the live lane and the backlog lane of one sink, from `Buffer.backlog`.
+
+    Every reading at or below `cursor` is acknowledged or gone. The live lane sends
+    the readings above `live_position`. Every reading at or below `live_position`
+    that the sink has not acknowledged, and that is still in the buffer, lies in
+    `pending_ranges`: the backlog lane sends those.
+    """
+
+    cursor: int
+    split: int | None
+    """The durable split seq, or None when the sink is not draining a backlog."""
+    live_position: int
+    """The highest of the cursor, the split and the acknowledged seq values."""
+    pending_ranges: tuple[tuple[int, int], ...]
+    """Closed `(first_seq, last_seq)` ranges, in ascending order."""
+    depth: int
+    """Readings in `pending_ranges`."""
+    oldest_ts_us: int | None
+    """Timestamp of the first reading in `pending_ranges`, or None when they are empty."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,6 +410,8 @@ class BufferStats:
     """Corrupt database files moved aside at open and replaced by a new database."""
     set_aside_paths: list[str] = field(default_factory=list)
     """Paths the files were moved to, newest first."""
+    backlogs: list[SinkBacklog] = field(default_factory=list)
+    """Backlog lane of each sink in `sinks`, in the same order."""
 
 
 class _State(enum.Enum):
@@ -392,12 +504,109 @@ class _SetAside:
     """Rows of the set_aside table still readable in the corrupt file."""
 
 
+@dataclass(slots=True)
+class _LaneUpdate:
+    """Bookkeeping that a delete transaction changed, applied in memory once it commits."""
+
+    deleted_up_to: int
+    deleted_ranges: RangeSet
+    cursors: dict[str, int]
+    acked: dict[str, RangeSet]
+    """New acknowledged ranges of each sink in `cursors`."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Split:
+    """A row of the splits table."""
+
+    seq: int
+    started_us: int
+    depth: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Lanes:
+    """The contents of the acked_ranges, splits and deleted_ranges tables."""
+
+    acked: dict[str, RangeSet]
+    splits: dict[str, _Split]
+    deleted: RangeSet
+
+
+def _settle_cursor(cursor: int, ranges: RangeSet, deleted_up_to: int, deleted: RangeSet) -> int:
+    """Merge into the cursor every range that only deleted rows separate from it.
+
+    Returns the new cursor and removes the merged ranges, and any part at or below
+    the cursor, from `ranges`. A deleted row cannot be sent any more, whether the
+    size cap deleted it (it is then counted as lost) or every sink had acknowledged it.
+    """
+    if cursor >= 1:
+        ranges.remove(1, cursor)
+    while ranges:
+        first, last = next(iter(ranges))
+        floor = max(cursor, deleted_up_to)
+        if first > floor + 1 and not deleted.covers(floor + 1, first - 1):
+            break
+        cursor = last
+        ranges.remove(first, last)
+    return cursor
+
+
+def _pending_ranges(
+    cursor: int, split: int | None, acked: RangeSet, deleted_up_to: int, deleted: RangeSet
+) -> tuple[int, RangeSet]:
+    """Return a sink's live position and the unacknowledged stored readings up to it."""
+    live_position = max(cursor, split or 0, acked.last() or 0)
+    pending = acked.gaps(max(cursor, deleted_up_to) + 1, live_position)
+    for first, last in deleted.within(max(cursor, deleted_up_to) + 1, live_position):
+        pending.remove(first, last)
+    return live_position, pending
+
+
+def _first_ts(conn: sqlite3.Connection, ranges: RangeSet) -> int | None:
+    """Return the ts_us of the lowest stored reading in `ranges`, or None."""
+    for first, last in ranges:
+        row = conn.execute(_SELECT_FIRST_TS, (first, last)).fetchone()
+        if row is not None:
+            return int(row[0])
+    return None
+
+
+def _write_deleted_ranges(conn: sqlite3.Connection, deleted: RangeSet) -> None:
+    conn.execute(_DELETE_DELETED_RANGES)
+    conn.executemany(_INSERT_DELETED_RANGE, deleted.ranges())
+
+
+def _fetch_lanes(conn: sqlite3.Connection) -> _Lanes:
+    """Read the lane tables; a buffer made before they existed reads as empty."""
+    tables = {row[0] for row in conn.execute(_SELECT_TABLES)}
+    acked: dict[str, RangeSet] = {}
+    splits: dict[str, _Split] = {}
+    deleted = RangeSet()
+    if "acked_ranges" in tables:
+        for sink, first, last in conn.execute(_SELECT_ACKED_RANGES):
+            acked.setdefault(sink, RangeSet()).add(first, last)
+    if "splits" in tables:
+        splits = {
+            sink: _Split(seq, started_us, depth)
+            for sink, seq, started_us, depth in conn.execute(_SELECT_SPLITS)
+        }
+    if "deleted_ranges" in tables:
+        deleted = RangeSet(conn.execute(_SELECT_DELETED_RANGES).fetchall())
+    return _Lanes(acked, splits, deleted)
+
+
 class Buffer:
     """Store-and-forward buffer in `data_dir/buffer.sqlite3`.
 
     `sinks` are the enabled sinks: rows acknowledged by all of them are
     deleted in the background. With no enabled sink nothing is deleted.
     Every database call runs on one dedicated thread that owns the connection.
+
+    A sink acknowledges readings either by moving its cursor (`commit_cursor`),
+    or by range (`ack_range`) when it sends a live lane ahead of a backlog lane.
+    Ranges above the cursor are stored durably and merged, and the cursor
+    moves up through them once the readings in between are acknowledged too.
 
     `max_bytes` caps the database file plus its WAL: past it, the oldest rows
     are deleted even if a sink has not acknowledged them, and each sink's
@@ -448,6 +657,11 @@ class Buffer:
         self._last_seq = 0
         self._cursors: dict[str, int] = {}
         # Only the SQLite thread uses these.
+        # Acknowledged ranges above each sink's cursor, as in the acked_ranges table.
+        self._acked: dict[str, RangeSet] = {}
+        self._splits: dict[str, _Split] = {}
+        # Deleted rows above _deleted_up_to, as in the deleted_ranges table.
+        self._deleted_ranges = RangeSet()
         self._conn: sqlite3.Connection | None = None
         self._lock_file: TextIO | None = None
         self._channel_ids: dict[tuple[str, str], int] = {}
@@ -589,15 +803,79 @@ class Buffer:
             return
         await self._call(functools.partial(self._commit_cursor_sync, sink, seq))
 
+    async def ack_range(self, sink: str, first_seq: int, last_seq: int) -> None:
+        """Durably record that a sink's destination acknowledged `first_seq` to `last_seq`.
+
+        The range is merged with the sink's other acknowledged ranges. When no
+        unacknowledged reading is left between the cursor and the merged range,
+        the cursor moves to the range's end in the same transaction. Readings the
+        size cap deleted count as acknowledged for this purpose, because they
+        cannot be sent any more. Raises ValueError for an empty range or one
+        outside 1 to `last_seq`.
+        """
+        self._require_open()
+        if not 1 <= first_seq <= last_seq <= self._last_seq:
+            message = (
+                f"sink {sink!r} cannot acknowledge seq {first_seq} to {last_seq}: "
+                f"expected 1 <= first_seq <= last_seq <= last_seq of the buffer ({self._last_seq})"
+            )
+            raise ValueError(message)
+        await self._call(functools.partial(self._ack_range_sync, sink, first_seq, last_seq))
+
+    async def read_range(self, first_seq: int, last_seq: int, limit: int) -> list[StoredReading]:
+        """Return up to `limit` readings with `first_seq <= seq <= last_seq`, in seq order."""
+        self._require_open()
+        if limit < 1:
+            message = f"read_range limit is {limit}: expected at least 1"
+            raise ValueError(message)
+        call = functools.partial(self._read_range_sync, first_seq, last_seq, limit)
+        return await self._call(call)
+
+    async def backlog(self, sink: str) -> LaneState:
+        """Return the cursor, split, live position and unacknowledged ranges of a sink."""
+        self._require_open()
+        return await self._call(functools.partial(self._backlog_sync, sink))
+
+    async def start_split(self, sink: str, split_seq: int) -> None:
+        """Durably set the seq that separates a sink's backlog lane from its live lane.
+
+        Readings up to `split_seq` that the sink has not acknowledged belong to
+        the backlog lane; the live lane sends the readings above it. Setting it
+        again replaces the old split, as after a second outage during a drain.
+        Raises ValueError for a `split_seq` outside 0 to `last_seq`.
+        """
+        self._require_open()
+        if not 0 <= split_seq <= self._last_seq:
+            message = (
+                f"sink {sink!r} cannot split at seq {split_seq}: "
+                f"expected 0 to last_seq {self._last_seq}"
+            )
+            raise ValueError(message)
+        await self._call(functools.partial(self._set_split_sync, sink, split_seq))
+
+    async def end_split(self, sink: str) -> None:
+        """Durably clear a sink's split; its acknowledged ranges stay as they are."""
+        self._require_open()
+        await self._call(functools.partial(self._set_split_sync, sink, None))
+
     async def quarantine(
-        self, sink: str, readings: Sequence[StoredReading], status: int, reason: str
+        self,
+        sink: str,
+        readings: Sequence[StoredReading],
+        status: int,
+        reason: str,
+        *,
+        as_range: bool = False,
     ) -> None:
-        """Copy rejected readings to the quarantine table and move the sink's cursor past them.
+        """Copy rejected readings to the quarantine table and acknowledge them for the sink.
 
         Both happen in one transaction, so after a crash the readings are either
-        quarantined with the cursor past them, or neither. The cursor moves to the
-        highest seq of `readings`, so the caller must already have delivered or
-        quarantined every reading of the sink below them.
+        quarantined and acknowledged, or neither. By default the cursor moves to
+        the highest seq of `readings`, so the caller must already have delivered
+        or quarantined every reading of the sink below them. With `as_range`,
+        the range from the lowest to the highest seq of `readings` is
+        acknowledged as `ack_range` does, which is what a lane of a draining
+        sink needs.
         """
         self._require_open()
         if not readings:
@@ -609,7 +887,13 @@ class Buffer:
                 f"expected at most last_seq {self._last_seq}"
             )
             raise ValueError(message)
-        call = functools.partial(self._quarantine_sync, sink, list(readings), status, reason)
+        from_seq = min(r.seq for r in readings) if as_range else None
+        if from_seq is not None and from_seq < 1:
+            message = f"cannot quarantine seq {from_seq} for sink {sink!r}: expected at least 1"
+            raise ValueError(message)
+        call = functools.partial(
+            self._quarantine_sync, sink, list(readings), status, reason, from_seq
+        )
         await self._call(call)
 
     async def quarantined_count(self, sink: str | None = None) -> int:
@@ -793,6 +1077,10 @@ class Buffer:
         }
         low, _high = conn.execute(_SELECT_SEQ_RANGE).fetchone()
         self._deleted_up_to = self._last_seq if low is None else low - 1
+        lanes = _fetch_lanes(conn)
+        self._acked = lanes.acked
+        self._splits = lanes.splits
+        self._deleted_ranges = lanes.deleted.within(self._deleted_up_to + 1, self._last_seq)
         counters: dict[str, int] = dict(conn.execute(_SELECT_COUNTERS).fetchall())
         self._dropped_rows = counters.get(DROPPED_ROWS, 0)
         self._dropped_disk_full = counters.get(DROPPED_DISK_FULL, 0)
@@ -984,7 +1272,7 @@ class Buffer:
             return 0
         deleted = 0
         for _round in range(CAP_DELETE_ROUNDS):
-            rows = self._last_seq - self._deleted_up_to
+            rows = self._row_count()
             excess = used - budget.low_water
             if rows <= 0 or excess <= 0:
                 break
@@ -995,7 +1283,7 @@ class Buffer:
             self._delete_oldest(conn, count)
             deleted += count
             used = _used_bytes(conn, self._page_size)
-        nothing_left = self._last_seq == self._deleted_up_to
+        nothing_left = self._row_count() == 0
         if used > budget.data_bytes and nothing_left and self._cap_error_log.count(1):
             log.warning(
                 "buffer_size_cap_failed",
@@ -1008,16 +1296,21 @@ class Buffer:
         return deleted
 
     def _delete_oldest(self, conn: sqlite3.Connection, count: int) -> None:
-        """Delete the `count` oldest readings and count what each enabled sink loses."""
+        """Delete the `count` oldest readings and count what each enabled sink loses.
+
+        A sink loses a deleted reading that it had not acknowledged, by cursor or by range.
+        """
         start = self._deleted_up_to
-        up_to = start + count
+        up_to = self._seq_after_rows(start, count)
+        deleted = RangeSet([(start + 1, up_to)]) if up_to > start else RangeSet()
+        for first, last in self._deleted_ranges.within(start + 1, up_to):
+            deleted.remove(first, last)
         lost = {}
         for sink in self.sinks:
-            first_unacknowledged = max(self._cursors.get(sink, 0), start)
-            if up_to > first_unacknowledged:
-                lost[sink] = up_to - first_unacknowledged
-        acknowledged_by_all = min((self._cursors.get(sink, 0) for sink in self.sinks), default=0)
-        dropped = max(0, up_to - max(acknowledged_by_all, start))
+            unacknowledged = deleted.total() - self._acknowledged(sink, start + 1, up_to).total()
+            if unacknowledged > 0:
+                lost[sink] = unacknowledged
+        dropped = deleted.total() - self._acknowledged_by_all(start + 1, up_to).total()
 
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -1026,17 +1319,31 @@ class Buffer:
                 conn.execute(_ADD_TO_COUNTER, (DROPPED_ROWS, dropped))
             for sink, rows in lost.items():
                 conn.execute(_ADD_TO_COUNTER, (_DROPPED_ROWS_OF_SINK.format(sink=sink), rows))
+            update = self._advance_deleted_up_to(conn, up_to)
             conn.execute("COMMIT")
         except BaseException:
             _rollback(conn)
             raise
 
-        self._deleted_up_to = up_to
+        self._apply_lane_update(update)
         self._dropped_rows += dropped
         for sink, rows in lost.items():
             self._dropped_by_sink[sink] = self._dropped_by_sink.get(sink, 0) + rows
         if dropped and self._cap_log.count(dropped):
             self._log_cap_drops()
+
+    def _seq_after_rows(self, start: int, count: int) -> int:
+        """Return the seq up to which deleting from above `start` removes `count` stored rows."""
+        position = start
+        remaining = count
+        # Rows in deleted ranges are gone already, so the deletion steps over them.
+        for first, last in self._deleted_ranges.within(start + 1, self._last_seq):
+            stored_before = first - 1 - position
+            if remaining <= stored_before:
+                break
+            remaining -= stored_before
+            position = last
+        return min(position + remaining, self._last_seq)
 
     def _log_cap_drops(self) -> None:
         log.warning(
@@ -1087,15 +1394,116 @@ class Buffer:
             for seq, ts_us, source, channel, value, unit, quality in rows
         ]
 
+    def _read_range_sync(self, first_seq: int, last_seq: int, limit: int) -> list[StoredReading]:
+        rows = self._connection().execute(_SELECT_RANGE, (first_seq, last_seq, limit)).fetchall()
+        return [
+            StoredReading(seq, ts_us, source, channel, value, unit, _QUALITY_BY_CODE[quality])
+            for seq, ts_us, source, channel, value, unit, quality in rows
+        ]
+
     def _commit_cursor_sync(self, sink: str, seq: int) -> None:
         conn = self._connection()
+        if sink in self._acked:
+            # Acknowledged ranges above the cursor may now join it.
+            self._ack_range_sync(sink, 1, seq)
+            return
         # In autocommit mode one statement is its own transaction. With synchronous=FULL,
         # it is on disk when execute() returns.
         conn.execute(_UPSERT_CURSOR, (sink, seq))
         self._cursors[sink] = max(seq, self._cursors.get(sink, 0))
 
+    def _ack_range_sync(self, sink: str, first_seq: int, last_seq: int) -> None:
+        plan = self._plan_ack(sink, first_seq, last_seq)
+        if plan is None:
+            return
+        conn = self._connection()
+        cursor, ranges = plan
+        if not ranges and sink not in self._acked:
+            # Only the cursor moves, so one statement does, as in commit_cursor.
+            conn.execute(_UPSERT_CURSOR, (sink, cursor))
+            self._cursors[sink] = max(cursor, self._cursors.get(sink, 0))
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            self._write_acknowledged(conn, sink, *plan)
+            conn.execute("COMMIT")
+        except BaseException:
+            _rollback(conn)
+            raise
+        self._apply_acknowledged(sink, *plan)
+
+    def _plan_ack(self, sink: str, first_seq: int, last_seq: int) -> tuple[int, RangeSet] | None:
+        """Return the sink's cursor and ranges after acknowledging a range; None if no change."""
+        cursor = self._cursors.get(sink, 0)
+        ranges = self._acked.get(sink, RangeSet())
+        first_seq = max(first_seq, cursor + 1)
+        if first_seq > last_seq or ranges.covers(first_seq, last_seq):
+            return None
+        ranges = ranges.copy()
+        ranges.add(first_seq, last_seq)
+        cursor = _settle_cursor(cursor, ranges, self._deleted_up_to, self._deleted_ranges)
+        return cursor, ranges
+
+    def _write_acknowledged(
+        self, conn: sqlite3.Connection, sink: str, cursor: int, ranges: RangeSet
+    ) -> None:
+        """Store a sink's cursor and acknowledged ranges, inside the caller's transaction."""
+        conn.execute(_DELETE_ACKED_RANGES_OF_SINK, (sink,))
+        conn.executemany(_INSERT_ACKED_RANGE, [(sink, first, last) for first, last in ranges])
+        if cursor > self._cursors.get(sink, 0):
+            conn.execute(_UPSERT_CURSOR, (sink, cursor))
+
+    def _apply_acknowledged(self, sink: str, cursor: int, ranges: RangeSet) -> None:
+        self._cursors[sink] = max(cursor, self._cursors.get(sink, 0))
+        if ranges:
+            self._acked[sink] = ranges
+        else:
+            self._acked.pop(sink, None)
+
+    def _set_split_sync(self, sink: str, split_seq: int | None) -> None:
+        conn = self._connection()
+        if split_seq is None:
+            conn.execute(_DELETE_SPLIT, (sink,))
+            self._splits.pop(sink, None)
+            return
+        _live_position, pending = _pending_ranges(
+            self._cursors.get(sink, 0),
+            split_seq,
+            self._acked.get(sink, RangeSet()),
+            self._deleted_up_to,
+            self._deleted_ranges,
+        )
+        split = _Split(split_seq, now_us(), pending.total())
+        conn.execute(_UPSERT_SPLIT, (sink, split.seq, split.started_us, split.depth))
+        self._splits[sink] = split
+
+    def _backlog_sync(self, sink: str) -> LaneState:
+        cursor = self._cursors.get(sink, 0)
+        split_row = self._splits.get(sink)
+        split = None if split_row is None else split_row.seq
+        live_position, pending = _pending_ranges(
+            cursor,
+            split,
+            self._acked.get(sink, RangeSet()),
+            self._deleted_up_to,
+            self._deleted_ranges,
+        )
+        return LaneState(
+            cursor=cursor,
+            split=split,
+            live_position=live_position,
+            pending_ranges=pending.ranges(),
+            depth=pending.total(),
+            oldest_ts_us=_first_ts(self._connection(), pending),
+        )
+
     def _quarantine_sync(
-        self, sink: str, readings: list[StoredReading], status: int, reason: str
+        self,
+        sink: str,
+        readings: list[StoredReading],
+        status: int,
+        reason: str,
+        from_seq: int | None,
     ) -> None:
         conn = self._connection()
         quarantined_us = now_us()
@@ -1116,15 +1524,19 @@ class Buffer:
             for r in readings
         ]
         up_to = max(r.seq for r in readings)
+        # Without from_seq the cursor moves to up_to, which acknowledges 1 to up_to.
+        plan = self._plan_ack(sink, 1 if from_seq is None else from_seq, up_to)
         conn.execute("BEGIN IMMEDIATE")
         try:
             conn.executemany(_INSERT_QUARANTINE, rows)
-            conn.execute(_UPSERT_CURSOR, (sink, up_to))
+            if plan is not None:
+                self._write_acknowledged(conn, sink, *plan)
             conn.execute("COMMIT")
         except BaseException:
             _rollback(conn)
             raise
-        self._cursors[sink] = max(up_to, self._cursors.get(sink, 0))
+        if plan is not None:
+            self._apply_acknowledged(sink, *plan)
 
     def _quarantined_count_sync(self, sink: str | None) -> int:
         conn = self._connection()
@@ -1143,15 +1555,95 @@ class Buffer:
         )
 
     def _delete_chunk_sync(self) -> tuple[int, bool]:
+        """Delete up to DELETE_CHUNK_ROWS rows that every enabled sink has acknowledged.
+
+        Returns the rows deleted and whether more such rows remain. Rows at the low
+        end are deleted up to a seq. Rows further up that were acknowledged by range
+        are deleted as a range, which is recorded in deleted_ranges.
+        """
         if not self.sinks:
             return 0, False
-        acknowledged = min(self._cursors.get(sink, 0) for sink in self.sinks)
-        if acknowledged <= self._deleted_up_to:
+        low = self._deleted_up_to + 1
+        candidates = self._acknowledged_by_all(low, self._last_seq)
+        for first, last in self._deleted_ranges:
+            candidates.remove(first, last)
+        if not candidates:
             return 0, False
-        up_to = min(acknowledged, self._deleted_up_to + DELETE_CHUNK_ROWS)
-        deleted = self._connection().execute(_DELETE_UP_TO, (up_to,)).rowcount
-        self._deleted_up_to = up_to
-        return deleted, up_to < acknowledged
+        first, last = next(iter(candidates))
+        last = min(last, first + DELETE_CHUNK_ROWS - 1)
+        more = last < (candidates.last() or 0)
+
+        conn = self._connection()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if first == low:
+                deleted = conn.execute(_DELETE_UP_TO, (last,)).rowcount
+                update = self._advance_deleted_up_to(conn, last)
+            else:
+                deleted = conn.execute(_DELETE_BETWEEN, (first, last)).rowcount
+                deleted_ranges = self._deleted_ranges.copy()
+                deleted_ranges.add(first, last)
+                _write_deleted_ranges(conn, deleted_ranges)
+                update = _LaneUpdate(self._deleted_up_to, deleted_ranges, {}, {})
+            conn.execute("COMMIT")
+        except BaseException:
+            _rollback(conn)
+            raise
+        self._apply_lane_update(update)
+        return deleted, more
+
+    def _advance_deleted_up_to(self, conn: sqlite3.Connection, up_to: int) -> _LaneUpdate:
+        """Write what follows from deleting every row up to `up_to`, in the caller's transaction.
+
+        Deleted ranges that now start right above `up_to` join the rows deleted from the
+        low end, and acknowledged ranges that no stored unacknowledged reading separates
+        from their sink's cursor any more are merged into the cursor.
+        """
+        deleted_ranges = self._deleted_ranges.copy()
+        deleted_ranges.remove(1, max(1, up_to))
+        while deleted_ranges.first() == up_to + 1:
+            first, up_to = next(iter(deleted_ranges))
+            deleted_ranges.remove(first, up_to)
+        if deleted_ranges != self._deleted_ranges:
+            _write_deleted_ranges(conn, deleted_ranges)
+
+        update = _LaneUpdate(up_to, deleted_ranges, {}, {})
+        for sink, ranges in self._acked.items():
+            cursor = self._cursors.get(sink, 0)
+            settled = ranges.copy()
+            new_cursor = _settle_cursor(cursor, settled, up_to, deleted_ranges)
+            if new_cursor != cursor or settled != ranges:
+                self._write_acknowledged(conn, sink, new_cursor, settled)
+                update.cursors[sink] = new_cursor
+                update.acked[sink] = settled
+        return update
+
+    def _apply_lane_update(self, update: _LaneUpdate) -> None:
+        self._deleted_up_to = update.deleted_up_to
+        self._deleted_ranges = update.deleted_ranges
+        for sink, cursor in update.cursors.items():
+            self._apply_acknowledged(sink, cursor, update.acked[sink])
+
+    def _row_count(self) -> int:
+        """Return the rows stored, from the seq bookkeeping alone."""
+        return self._last_seq - self._deleted_up_to - self._deleted_ranges.total()
+
+    def _acknowledged(self, sink: str, low: int, high: int) -> RangeSet:
+        """Return the seq values from `low` to `high` that a sink has acknowledged."""
+        acknowledged = self._acked.get(sink, RangeSet()).within(low, high)
+        cursor = self._cursors.get(sink, 0)
+        if cursor >= low and low <= high:
+            acknowledged.add(low, min(cursor, high))
+        return acknowledged
+
+    def _acknowledged_by_all(self, low: int, high: int) -> RangeSet:
+        """Return the seq values from `low` to `high` that every enabled sink has acknowledged."""
+        if not self.sinks:
+            return RangeSet()
+        common = self._acknowledged(self.sinks[0], low, high)
+        for sink in self.sinks[1:]:
+            common = common.intersection(self._acknowledged(sink, low, high))
+        return common
 
     def _compact_sync(self) -> None:
         conn = self._connection()
@@ -1230,6 +1722,9 @@ def _open_schema(conn: sqlite3.Connection, path: Path) -> None:
                     conn.execute(statement)
             conn.execute(_CREATE_QUARANTINE)
             conn.execute(_CREATE_SET_ASIDE)
+            conn.execute(_CREATE_ACKED_RANGES)
+            conn.execute(_CREATE_SPLITS)
+            conn.execute(_CREATE_DELETED_RANGES)
             conn.execute("COMMIT")
         except BaseException:
             _rollback(conn)
@@ -1354,16 +1849,23 @@ def _collect_stats(conn: sqlite3.Connection, path: Path, sinks: Sequence[str]) -
         channel_rows = conn.execute(_SELECT_CHANNEL_VALUES).fetchall()
         quarantined, quarantine_rows = _fetch_quarantine(conn)
         set_aside_count, set_aside_paths = _fetch_set_aside(conn)
+        lanes = _fetch_lanes(conn)
+        backlogs = [_sink_backlog(conn, sink, cursors.get(sink, 0), lanes, low) for sink in sinks]
     finally:
         conn.execute("COMMIT")
 
-    # Rows only ever leave from the low end (acknowledged or dropped oldest first) and
-    # seq values are assigned without gaps, so the rows are exactly low..high.
-    rows = 0 if low is None else high - low + 1
+    # seq values are assigned without gaps and rows leave either from the low end or as
+    # a range recorded in deleted_ranges, so the rows are low..high minus those ranges.
+    rows = 0 if low is None else high - low + 1 - lanes.deleted.count(low, high)
     sink_stats = []
     for sink in sinks:
         cursor = cursors.get(sink, 0)
-        depth = 0 if low is None else max(0, high - max(cursor, low - 1))
+        depth = 0
+        if low is not None and max(cursor + 1, low) <= high:
+            unacknowledged = RangeSet([(max(cursor + 1, low), high)])
+            for first, last in [*lanes.acked.get(sink, RangeSet()), *lanes.deleted]:
+                unacknowledged.remove(first, last)
+            depth = unacknowledged.total()
         dropped = counters.get(_DROPPED_ROWS_OF_SINK.format(sink=sink), 0)
         sink_stats.append(SinkStats(sink, cursor, depth, dropped))
     channels = [
@@ -1383,6 +1885,32 @@ def _collect_stats(conn: sqlite3.Connection, path: Path, sinks: Sequence[str]) -
         last_disk_full_us=counters.get(LAST_DISK_FULL_US),
         corrupt_databases_set_aside=set_aside_count,
         set_aside_paths=set_aside_paths,
+        backlogs=backlogs,
+    )
+
+
+def _sink_backlog(
+    conn: sqlite3.Connection, sink: str, cursor: int, lanes: _Lanes, low: int | None
+) -> SinkBacklog:
+    """Return the backlog of one sink from the lane tables, within the caller's transaction."""
+    split = lanes.splits.get(sink)
+    deleted_up_to = _fetch_last_seq(conn) if low is None else low - 1
+    _live_position, pending = _pending_ranges(
+        cursor,
+        None if split is None else split.seq,
+        lanes.acked.get(sink, RangeSet()),
+        deleted_up_to,
+        lanes.deleted,
+    )
+    if split is None:
+        return SinkBacklog(sink, None, pending.total(), _first_ts(conn, pending))
+    return SinkBacklog(
+        sink,
+        split.seq,
+        pending.total(),
+        _first_ts(conn, pending),
+        split_us=split.started_us,
+        split_depth=split.depth,
     )
 
 

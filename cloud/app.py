@@ -59,6 +59,10 @@ class DeviceStats(BaseModel):
     """Distinct Idempotency-Key values of stored batches."""
     retried_batches: int
     """Batches whose Idempotency-Key arrived more than once."""
+    backfill_batches: int = 0
+    """Batches that arrived with `X-Rig-Backlog: 1`, retries included."""
+    backfill_readings: int = 0
+    """Readings in those batches, duplicates included."""
     rejected: dict[str, int]
 
 
@@ -127,6 +131,9 @@ async def post_readings(
     service: ServiceDep,
     idempotency_key: Annotated[str, Header(description="{device_id}:{first}-{last}")] = "",
     content_encoding: Annotated[str | None, Header()] = None,
+    x_rig_backlog: Annotated[
+        str, Header(description='"1" on batches of the backlog the device sends after an outage')
+    ] = "",
 ) -> Response:
     """Store a batch of readings; readings already stored are counted as duplicates."""
     start = await start_upload(service, request, "readings")
@@ -148,8 +155,9 @@ async def post_readings(
         log.info("client_disconnected", device_id=claims.device_id)
         return Response(status_code=400)
 
+    backfill = x_rig_backlog == "1"
     result = await service.store.add_batch(
-        batch.device_id, batch.rig_id, batch.readings, idempotency_key
+        batch.device_id, batch.rig_id, batch.readings, idempotency_key, backfill=backfill
     )
     log.info(
         "batch_stored",
@@ -158,6 +166,7 @@ async def post_readings(
         last_seq=batch.readings[-1].seq,
         accepted=result.accepted,
         duplicates=result.duplicates,
+        backfill=backfill,
     )
     if fault is not None:
         # The batch is stored but the device hears a failure, as when a response is lost.

@@ -52,6 +52,11 @@ CREATE TABLE IF NOT EXISTS rejections (
     count INTEGER NOT NULL,
     PRIMARY KEY (device_id, reason)
 );
+CREATE TABLE IF NOT EXISTS backfill (
+    device_id TEXT PRIMARY KEY,
+    batches INTEGER NOT NULL,
+    readings INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS batches (
     device_id TEXT NOT NULL,
     idempotency_key TEXT NOT NULL,
@@ -77,6 +82,13 @@ ON CONFLICT (device_id, idempotency_key) DO UPDATE SET
     accepted = accepted + excluded.accepted,
     duplicates = duplicates + excluded.duplicates,
     last_received = excluded.last_received
+"""
+
+
+_COUNT_BACKFILL = """
+INSERT INTO backfill (device_id, batches, readings) VALUES (?, 1, ?)
+ON CONFLICT (device_id) DO UPDATE SET
+    batches = batches + 1, readings = readings + excluded.readings
 """
 
 
@@ -118,10 +130,22 @@ class ReadingStore:
         self._executor = None
 
     async def add_batch(
-        self, device_id: str, rig_id: str, readings: Sequence[ReadingIn], idempotency_key: str
+        self,
+        device_id: str,
+        rig_id: str,
+        readings: Sequence[ReadingIn],
+        idempotency_key: str,
+        *,
+        backfill: bool = False,
     ) -> BatchResult:
-        """Store the new readings of a batch; count the ones already stored as duplicates."""
-        return await self._call(self._add_batch, device_id, rig_id, readings, idempotency_key)
+        """Store the new readings of a batch; count the ones already stored as duplicates.
+
+        A `backfill` batch, one the device marked as part of its backlog, is also
+        counted with its readings in the device's backfill figures.
+        """
+        return await self._call(
+            self._add_batch, device_id, rig_id, readings, idempotency_key, backfill
+        )
 
     async def count_rejection(self, device_id: str, reason: str) -> None:
         """Count a rejected request; `device_id` is NO_DEVICE when authentication failed."""
@@ -186,7 +210,12 @@ class ReadingStore:
         return self._conn
 
     def _add_batch(
-        self, device_id: str, rig_id: str, readings: Sequence[ReadingIn], idempotency_key: str
+        self,
+        device_id: str,
+        rig_id: str,
+        readings: Sequence[ReadingIn],
+        idempotency_key: str,
+        backfill: bool,
     ) -> BatchResult:
         conn = self._db()
         rows = [
@@ -204,6 +233,8 @@ class ReadingStore:
                 conn.execute(
                     _RECORD_BATCH, (device_id, idempotency_key, accepted, duplicates, now, now)
                 )
+            if backfill:
+                conn.execute(_COUNT_BACKFILL, (device_id, len(rows)))
         return BatchResult(accepted, duplicates)
 
     def _add_witsml(
@@ -248,6 +279,8 @@ class ReadingStore:
             "SELECT device_id, COUNT(*), SUM(deliveries > 1) FROM batches GROUP BY device_id"
         ):
             device(device_id).update(batches=batches, retried_batches=retried)
+        for device_id, batches, readings in conn.execute("SELECT * FROM backfill"):
+            device(device_id).update(backfill_batches=batches, backfill_readings=readings)
 
         unauthenticated: dict[str, int] = {}
         for device_id, reason, count in conn.execute("SELECT * FROM rejections"):
@@ -276,5 +309,7 @@ def _empty_device_stats() -> dict[str, Any]:
         "requests": 0,
         "batches": 0,
         "retried_batches": 0,
+        "backfill_batches": 0,
+        "backfill_readings": 0,
         "rejected": {},
     }

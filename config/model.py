@@ -31,7 +31,14 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from config.units import ByteSize, Duration, NonNegativeDuration, format_duration, format_size
+from config.units import (
+    ByteSize,
+    Duration,
+    NonNegativeDuration,
+    format_duration,
+    format_size,
+    parse_size,
+)
 from drivers.modbus_transport import Endpoint, parse_modbus_url
 from drivers.modbus_types import (
     BIT_TABLES,
@@ -54,8 +61,10 @@ from drivers.wits0_link import Wits0Link, parse_wits0_url
 from drivers.wits0_parser import encode_packet, parse_data_line
 
 __all__ = [
+    "BACKLOG_RATE_PATTERN",
     "NAME_PATTERN",
     "AgentSection",
+    "BacklogRate",
     "BufferSection",
     "CloudSection",
     "Config",
@@ -788,6 +797,60 @@ class Sources(_Section):
     wits0: list[Wits0Source] = []
 
 
+# --- The backlog lane of the MQTT and cloud sinks ---------------------------------------
+
+BACKLOG_RATE_PATTERN = r"^\s*(?:unlimited|(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*/\s*s)\s*$"
+"""Regular expression of a backlog_rate: "unlimited", readings as "2000/s", bytes as "64KiB/s"."""
+_BACKLOG_RATE_RE = re.compile(BACKLOG_RATE_PATTERN)
+_BACKLOG_RATE_SCHEMA = WithJsonSchema(
+    {
+        "type": "string",
+        "pattern": BACKLOG_RATE_PATTERN,
+        "description": (
+            'Rate limit of the backlog lane: readings per second such as "2000/s", bytes '
+            'per second such as "64KiB/s", or "unlimited".'
+        ),
+    },
+    mode="validation",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class BacklogRate:
+    """Rate limit of a backlog lane: `amount` readings or payload bytes per second."""
+
+    amount: float
+    unit: Literal["readings", "bytes"]
+
+
+def parse_backlog_rate(value: str) -> BacklogRate | None:
+    """Convert a backlog_rate such as "2000/s" or "64KiB/s" to a BacklogRate; None if unlimited.
+
+    Raises ValueError with the accepted forms for any other text or a zero rate.
+    """
+    match = _BACKLOG_RATE_RE.match(value)
+    if match is None:
+        msg = (
+            f"invalid backlog rate {value!r}: expected readings per second such as "
+            '"2000/s", bytes per second such as "64KiB/s" or "1MB/s", or "unlimited"'
+        )
+        raise ValueError(msg)
+    number, size_unit = match.groups()
+    if number is None:
+        return None
+    if size_unit is None:
+        rate = BacklogRate(float(number), "readings")
+    else:
+        rate = BacklogRate(float(parse_size(f"{number}{size_unit}")), "bytes")
+    if rate.amount <= 0:
+        msg = (
+            f"invalid backlog rate {value!r}: a rate of zero would never send the backlog. "
+            'Give a rate above zero, or "unlimited"'
+        )
+        raise ValueError(msg)
+    return rate
+
+
 class MqttSection(_Section):
     """The `[mqtt]` table: the broker and how readings are published."""
 
@@ -800,6 +863,24 @@ class MqttSection(_Section):
     keepalive: Duration = 30.0
     max_readings_per_message: int = Field(default=500, ge=1, le=100_000, strict=True)
     max_inflight: int = Field(default=50, ge=1, le=1000, strict=True)
+    backlog_threshold: int = Field(default=10_000, ge=0, strict=True)
+    """Readings waiting at a (re)connect above which new readings go first.
+
+    The older readings then drain behind them on {topic_prefix}/backfill/{source}.
+    """
+    backlog_rate: Annotated[str, _BACKLOG_RATE_SCHEMA] = "unlimited"
+    """Rate limit of the backlog drain, "2000/s" (readings) or "64KiB/s" (payload bytes)."""
+
+    @field_validator("backlog_rate")
+    @classmethod
+    def _valid_backlog_rate(cls, value: str) -> str:
+        parse_backlog_rate(value)
+        return value
+
+    @property
+    def backlog_limit(self) -> BacklogRate | None:
+        """The parsed backlog_rate, or None when it is unlimited."""
+        return parse_backlog_rate(self.backlog_rate)
 
     @field_validator("url")
     @classmethod
@@ -898,6 +979,24 @@ class CloudSection(_Section):
     retry_max_delay: Duration = 60.0
     allow_insecure_http: bool = Field(default=False, strict=True)
     ca_file: str = ""
+    backlog_threshold: int = Field(default=10_000, ge=0, strict=True)
+    """Readings waiting at start or after an outage above which new readings go first.
+
+    The older readings then drain behind them in batches marked X-Rig-Backlog: 1.
+    """
+    backlog_rate: Annotated[str, _BACKLOG_RATE_SCHEMA] = "unlimited"
+    """Rate limit of the backlog drain, "2000/s" (readings) or "64KiB/s" (gzip body bytes)."""
+
+    @field_validator("backlog_rate")
+    @classmethod
+    def _valid_backlog_rate(cls, value: str) -> str:
+        parse_backlog_rate(value)
+        return value
+
+    @property
+    def backlog_limit(self) -> BacklogRate | None:
+        """The parsed backlog_rate, or None when it is unlimited."""
+        return parse_backlog_rate(self.backlog_rate)
 
     @field_validator("url")
     @classmethod

@@ -1,4 +1,10 @@
-"""Cloud sink that uploads buffered readings in gzip JSON batches over HTTPS."""
+"""Cloud sink that uploads buffered readings in gzip JSON batches over HTTPS.
+
+When more than `backlog_threshold` readings wait at start or after an outage,
+the sink runs two lanes. A live lane uploads new readings. A backlog lane
+uploads the older ones in seq order, within `backlog_rate`, in batches marked
+with the header `X-Rig-Backlog: 1`.
+"""
 
 from __future__ import annotations
 
@@ -17,13 +23,17 @@ import structlog
 from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePrivateKey
 
 from buffer.reading import StoredReading, reading_to_json
+from buffer.store import LaneState
 from config.model import CloudSection
 from uplink.auth import DeviceAuth, TokenMinter
+from uplink.lanes import BacklogBudget, LaneBufferLike, plan_lanes
 from uplink.mqtt import Beat, BufferLike, await_beating, no_beat, reconnect_delay
 
 __all__ = [
+    "BACKLOG_HEADER",
     "READINGS_PATH",
     "CloudBufferLike",
+    "CloudLaneBufferLike",
     "CloudSink",
     "build_body",
     "idempotency_key",
@@ -33,6 +43,8 @@ __all__ = [
 log = structlog.get_logger(__name__)
 
 READINGS_PATH = "/v1/readings"
+BACKLOG_HEADER = "X-Rig-Backlog"
+"""Header with the value "1" on every batch of the backlog lane."""
 RETRY_BASE_DELAY = 0.5
 RETRY_MAX_DELAY = 60.0
 """Ceiling in seconds of the jittered backoff after network errors and 5xx responses."""
@@ -50,6 +62,45 @@ class CloudBufferLike(BufferLike, Protocol):
     async def quarantine(
         self, sink: str, readings: Sequence[StoredReading], status: int, reason: str
     ) -> None: ...
+
+
+class CloudLaneBufferLike(CloudBufferLike, LaneBufferLike, Protocol):
+    """Buffer methods that the cloud sink calls, with those of the backlog lane."""
+
+    async def quarantine(
+        self,
+        sink: str,
+        readings: Sequence[StoredReading],
+        status: int,
+        reason: str,
+        *,
+        as_range: bool = False,
+    ) -> None: ...
+
+
+class _Replan(Exception):
+    """An upload failed while so many readings wait that the sink should split them into lanes."""
+
+
+@dataclass(slots=True)
+class _Lane:
+    """Marking and acknowledgement of the uploads of one lane."""
+
+    backlog: bool
+    """Whether the batches carry the X-Rig-Backlog header."""
+    position: int | None
+    """Last seq the lane acknowledged by range; None for a lane that moves the cursor."""
+    live_ok: asyncio.Event | None = None
+    """Set while the live lane's uploads succeed; the backlog lane uploads only then."""
+
+    def report(self, *, success: bool) -> None:
+        """Record the outcome of an upload of the live lane in `live_ok`."""
+        if self.backlog or self.live_ok is None:
+            return
+        if success:
+            self.live_ok.set()
+        else:
+            self.live_ok.clear()
 
 
 def build_body(device_id: str, rig_id: str, readings: Sequence[StoredReading]) -> bytes:
@@ -112,11 +163,16 @@ class _Rejected:
 
 
 class CloudSink:
-    """Sink that uploads buffered readings to the cloud ingest service, at least once, in seq order.
+    """Sink that uploads buffered readings to the cloud ingest service, at least once.
 
-    The cursor moves after each 2xx. A reading that the service rejects on its
-    own (400 or 422) is copied to the buffer's quarantine table together with
-    the cursor move past it, so it is kept and counted, never dropped silently.
+    Readings go in seq order, except after an outage with a large backlog: then
+    new readings go first and the backlog follows in batches marked with
+    X-Rig-Backlog: 1, each lane in seq order.
+
+    The cursor moves, or the lane's range is acknowledged, after each 2xx. A
+    reading that the service rejects on its own (400 or 422) is copied to the
+    buffer's quarantine table together with its acknowledgement, so it is kept
+    and counted, never dropped silently.
     """
 
     name = "cloud"
@@ -126,7 +182,7 @@ class CloudSink:
         cfg: CloudSection,
         *,
         rig_id: str,
-        buffer: CloudBufferLike,
+        buffer: CloudLaneBufferLike,
         key: EllipticCurvePrivateKey,
         max_delay: float = RETRY_MAX_DELAY,
         max_retry_after: float = RETRY_AFTER_MAX,
@@ -152,6 +208,7 @@ class CloudSink:
         self._connected = False
         self._last_success: float | None = None
         self._uploaded = 0
+        self._backfilled = 0
         self._duplicates = 0
         self._quarantined = 0
         self._requests = 0
@@ -175,6 +232,11 @@ class CloudSink:
         return self._uploaded
 
     @property
+    def backfilled(self) -> int:
+        """Readings of those that went in batches of the backlog lane."""
+        return self._backfilled
+
+    @property
     def duplicates(self) -> int:
         """Readings the service reported as already stored, since the sink started."""
         return self._duplicates
@@ -195,7 +257,7 @@ class CloudSink:
         return self._last_error
 
     async def run(self) -> None:
-        """Upload batches after the cloud cursor until cancelled."""
+        """Upload batches until cancelled, in one lane or, with a large backlog, in two."""
         limit = self._cfg.batch_max_readings
         async with httpx.AsyncClient(
             base_url=self._cfg.base_url,
@@ -209,37 +271,171 @@ class CloudSink:
             cursor = await self._buffer.cursor(self.name)
             self._log.info("cloud_sink_started", cursor=cursor, batch_max_readings=limit)
             while True:
-                self._beat()
-                batch = await self._buffer.read_batch(self.name, limit, after_seq=cursor)
-                if not batch:
-                    idle = self._buffer.wait_for_data(cursor, timeout=self._cfg.interval)
-                    await await_beating(idle, self._beat, self._cfg.interval)
-                    continue
-                await self._deliver(client, batch)
-                cursor = batch[-1].seq
+                state = await plan_lanes(self._buffer, self.name, self._cfg.backlog_threshold)
+                if state is None:
+                    await self._run_plain(client)
+                else:
+                    await self._run_lanes(client, state)
 
-    async def _deliver(self, client: httpx.AsyncClient, batch: list[StoredReading]) -> None:
+    async def _run_plain(self, client: httpx.AsyncClient) -> None:
+        """Upload after the cursor in seq order; return once an outage leaves a large backlog."""
+        limit = self._cfg.batch_max_readings
+        lane = _Lane(backlog=False, position=None)
+        cursor = await self._buffer.cursor(self.name)
+
+        def backlog_too_large() -> bool:
+            return self._buffer.last_seq - cursor > self._cfg.backlog_threshold
+
+        while True:
+            self._beat()
+            batch = await self._buffer.read_batch(self.name, limit, after_seq=cursor)
+            if not batch:
+                idle = self._buffer.wait_for_data(cursor, timeout=self._cfg.interval)
+                await await_beating(idle, self._beat, self._cfg.interval)
+                continue
+            try:
+                await self._deliver(client, batch, lane, abort_if=backlog_too_large)
+            except _Replan:
+                return
+            cursor = batch[-1].seq
+
+    async def _run_lanes(self, client: httpx.AsyncClient, state: LaneState) -> None:
+        """Run the live lane and the backlog lane until the backlog is sent, or a new outage."""
+        # Set while the live lane's uploads succeed. The backlog lane uploads only then,
+        # so that after an outage the live lane's first upload goes first.
+        live_ok = asyncio.Event()
+        live_ok.set()
+        backlog = asyncio.create_task(self._backlog_lane(client, state, live_ok))
+        live = asyncio.create_task(self._live_lane(client, state.live_position, live_ok, backlog))
+        try:
+            await asyncio.gather(backlog, live)
+        except _Replan:
+            return
+        finally:
+            for task in (live, backlog):
+                task.cancel()
+            await asyncio.gather(live, backlog, return_exceptions=True)
+
+    async def _live_lane(
+        self,
+        client: httpx.AsyncClient,
+        position: int,
+        live_ok: asyncio.Event,
+        backlog: asyncio.Task[None],
+    ) -> None:
+        """Upload readings above `position` until the backlog lane is done.
+
+        Raises _Replan when an upload fails while more than backlog_threshold
+        readings wait above the lane's position, so that the sink splits again.
+        """
+        limit = self._cfg.batch_max_readings
+        lane = _Lane(backlog=False, position=position, live_ok=live_ok)
+
+        def backlog_too_large() -> bool:
+            return self._buffer.last_seq - (lane.position or 0) > self._cfg.backlog_threshold
+
+        while not backlog.done():
+            self._beat()
+            batch = await self._buffer.read_batch(self.name, limit, after_seq=lane.position)
+            if batch:
+                await self._deliver(client, batch, lane, abort_if=backlog_too_large)
+                continue
+            idle = asyncio.ensure_future(
+                self._buffer.wait_for_data(lane.position or 0, timeout=self._cfg.interval)
+            )
+            try:
+                done = asyncio.wait({idle, backlog}, return_when=asyncio.FIRST_COMPLETED)
+                await await_beating(done, self._beat, self._cfg.interval)
+            finally:
+                idle.cancel()
+                await asyncio.gather(idle, return_exceptions=True)
+
+    async def _backlog_lane(
+        self, client: httpx.AsyncClient, state: LaneState, live_ok: asyncio.Event
+    ) -> None:
+        """Upload the unacknowledged readings up to the live position, then clear the split."""
+        ranges = state.pending_ranges
+        start_position = ranges[0][0] - 1 if ranges else state.cursor
+        lane = _Lane(backlog=True, position=start_position, live_ok=live_ok)
+        rate = self._cfg.backlog_limit
+        budget = None if rate is None else BacklogBudget(rate)
+        started = time.monotonic()
+        sent = 0
+        for first, last in ranges:
+            start = first
+            while start <= last:
+                self._beat()
+                limit = self._cfg.batch_max_readings
+                if budget is not None:
+                    limit = budget.max_readings(limit)
+                batch = await self._buffer.read_range(start, last, limit)
+                if not batch:
+                    break
+                await self._deliver(client, batch, lane, budget=budget)
+                sent += len(batch)
+                start = batch[-1].seq + 1
+        await self._buffer.end_split(self.name)
+        self._log.info(
+            "lanes_drained",
+            readings=sent,
+            drain_s=round(time.monotonic() - started, 1),
+            cursor=await self._buffer.cursor(self.name),
+        )
+
+    async def _deliver(
+        self,
+        client: httpx.AsyncClient,
+        batch: list[StoredReading],
+        lane: _Lane,
+        *,
+        abort_if: Callable[[], bool] | None = None,
+        budget: BacklogBudget | None = None,
+    ) -> None:
         """Upload a batch, split on 400, 413 and 422, until every part is stored or quarantined.
 
-        Parts are handled in seq order, so the cursor always moves forward over
-        readings that are acknowledged or quarantined.
+        Parts are handled in seq order, so the lane's acknowledgements always move
+        forward over readings that are acknowledged or quarantined.
         """
         parts = [batch]
         while parts:
             self._beat()
             part = parts.pop()
-            rejected = await self._upload(client, part)
+            body = gzip.compress(build_body(self._cfg.device_id, self._rig_id, part))
+            if budget is not None:
+                cost = budget.cost(len(part), len(body))
+                delay = budget.delay(cost)
+                if delay > 0:
+                    await await_beating(self._sleep(delay), self._beat, delay)
+                budget.take(cost)
+            rejected = await self._upload(client, part, body, lane, abort_if)
             if rejected is None:
-                await self._buffer.commit_cursor(self.name, part[-1].seq)
+                await self._acknowledge(lane, part)
                 continue
             if len(part) == 1:
-                await self._quarantine(part, rejected)
+                await self._quarantine(lane, part, rejected)
                 continue
             # Pushed in reverse, so the lowest seqs are uploaded first.
             parts.extend(reversed(_split(part, rejected.seq if rejected.status != 413 else None)))
 
-    async def _quarantine(self, part: list[StoredReading], rejected: _Rejected) -> None:
-        await self._buffer.quarantine(self.name, part, rejected.status, rejected.reason)
+    async def _acknowledge(self, lane: _Lane, part: list[StoredReading]) -> None:
+        if lane.position is None:
+            await self._buffer.commit_cursor(self.name, part[-1].seq)
+            return
+        # The range starts right after the lane's last acknowledgement, so readings in
+        # between that are acknowledged already or deleted leave no gap.
+        await self._buffer.ack_range(self.name, lane.position + 1, part[-1].seq)
+        lane.position = part[-1].seq
+
+    async def _quarantine(
+        self, lane: _Lane, part: list[StoredReading], rejected: _Rejected
+    ) -> None:
+        if lane.position is None:
+            await self._buffer.quarantine(self.name, part, rejected.status, rejected.reason)
+        else:
+            await self._buffer.quarantine(
+                self.name, part, rejected.status, rejected.reason, as_range=True
+            )
+            await self._acknowledge(lane, part)
         self._quarantined += len(part)
         reading = part[0]
         self._log.error(
@@ -252,18 +448,29 @@ class CloudSink:
         )
 
     async def _upload(
-        self, client: httpx.AsyncClient, part: list[StoredReading]
+        self,
+        client: httpx.AsyncClient,
+        part: list[StoredReading],
+        body: bytes,
+        lane: _Lane,
+        abort_if: Callable[[], bool] | None,
     ) -> _Rejected | None:
-        """POST one batch until it is acknowledged (None) or rejected in a way a split can fix."""
-        body = gzip.compress(build_body(self._cfg.device_id, self._rig_id, part))
+        """POST one batch until it is acknowledged (None) or rejected in a way a split can fix.
+
+        Raises _Replan when an attempt fails and `abort_if` returns True.
+        """
         headers = {
             "Content-Type": "application/json",
             "Content-Encoding": "gzip",
             "Idempotency-Key": idempotency_key(self._cfg.device_id, part),
         }
+        if lane.backlog:
+            headers[BACKLOG_HEADER] = "1"
         attempt = 0
         while True:
             self._beat()
+            if lane.backlog and lane.live_ok is not None:
+                await await_beating(lane.live_ok.wait(), self._beat, None)
             self._requests += 1
             try:
                 # httpx applies the timeout to each step (connect, write, read), so a slow
@@ -276,21 +483,25 @@ class CloudSink:
                 self._on_failure(part, str(exc) or type(exc).__name__, None, delay)
             else:
                 self._connected = True
-                done, rejected = self._classify(part, response)
+                done, rejected = self._classify(part, response, backlog=lane.backlog)
                 if done:
+                    lane.report(success=True)
                     return rejected
                 delay = self._retry_delay(response, attempt)
                 self._on_failure(part, _reason(response), response.status_code, delay)
+            lane.report(success=False)
+            if abort_if is not None and abort_if():
+                raise _Replan
             attempt += 1
             await await_beating(self._sleep(delay), self._beat, delay)
 
     def _classify(
-        self, part: list[StoredReading], response: httpx.Response
+        self, part: list[StoredReading], response: httpx.Response, *, backlog: bool = False
     ) -> tuple[bool, _Rejected | None]:
         """Return (True, None) for a 2xx, (True, rejection) for a split, (False, None) to retry."""
         status = response.status_code
         if response.is_success:
-            self._on_success(part, response)
+            self._on_success(part, response, backlog=backlog)
             return True, None
         if status in _SPLIT_STATUSES:
             self._on_recovered()
@@ -314,10 +525,14 @@ class CloudSink:
                 return min(asked, self._max_retry_after)
         return reconnect_delay(attempt, RETRY_BASE_DELAY, self._max_delay)
 
-    def _on_success(self, part: list[StoredReading], response: httpx.Response) -> None:
+    def _on_success(
+        self, part: list[StoredReading], response: httpx.Response, *, backlog: bool
+    ) -> None:
         self._on_recovered()
         self._last_success = time.time()
         self._uploaded += len(part)
+        if backlog:
+            self._backfilled += len(part)
         duplicates = _int_field(response, "duplicates")
         self._duplicates += duplicates
         self._log.debug(
@@ -326,6 +541,7 @@ class CloudSink:
             last_seq=part[-1].seq,
             readings=len(part),
             duplicates=duplicates,
+            backlog=backlog,
         )
 
     def _on_failure(

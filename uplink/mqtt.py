@@ -1,4 +1,10 @@
-"""MQTT sink that publishes buffered readings and moves its cursor on PUBACK."""
+"""MQTT sink that publishes buffered readings and moves its cursor on PUBACK.
+
+After an outage with more than `backlog_threshold` readings waiting, the sink
+runs two lanes on one connection: a live lane that publishes new readings on
+the readings topic, and a backlog lane that publishes the older ones, in seq
+order and within `backlog_rate`, on {topic_prefix}/backfill/{source}.
+"""
 
 from __future__ import annotations
 
@@ -20,14 +26,16 @@ import aiomqtt
 import structlog
 
 from buffer.reading import StoredReading, format_ts, now_us, reading_to_json
-from config.model import MqttSection
+from config.model import BacklogRate, MqttSection
 from uplink.auth import CREDENTIALS_VARIABLE
+from uplink.lanes import BacklogBudget, LaneBufferLike, plan_lanes
 
 __all__ = [
     "BEAT_GRACE",
     "BEAT_INTERVAL",
     "Beat",
     "BufferLike",
+    "MqttBufferLike",
     "MqttSink",
     "PasswordFileError",
     "await_beating",
@@ -113,6 +121,10 @@ class BufferLike(Protocol):
     async def commit_cursor(self, sink: str, seq: int) -> None: ...
 
     async def wait_for_data(self, after_seq: int, timeout: float) -> bool: ...  # noqa: ASYNC109 - fixed by the Buffer API
+
+
+class MqttBufferLike(BufferLike, LaneBufferLike, Protocol):
+    """Buffer methods that the MQTT sink calls, with those of the backlog lane."""
 
 
 class PasswordFileError(Exception):
@@ -241,9 +253,11 @@ class _Settings:
     max_inflight: int
     max_per_message: int
     publish_timeout: float
-    buffer: BufferLike
+    buffer: MqttBufferLike
     log: Any
     beat: Beat
+    backlog_threshold: int
+    backlog_rate: BacklogRate | None
 
     @property
     def status_topic(self) -> str:
@@ -252,9 +266,16 @@ class _Settings:
     def readings_topic(self, source: str) -> str:
         return f"{self.prefix}/readings/{source}"
 
+    def backfill_topic(self, source: str) -> str:
+        return f"{self.prefix}/backfill/{source}"
+
 
 class MqttSink:
-    """Sink that delivers buffered readings to an MQTT broker, at least once, in seq order.
+    """Sink that delivers buffered readings to an MQTT broker, at least once.
+
+    Readings go in seq order, except after an outage with a large backlog: then
+    new readings go first on the readings topic and the backlog drains behind
+    them on the backfill topic, each lane in seq order.
 
     With QoS 1 a message counts as acknowledged when its PUBACK arrives. With
     QoS 0 it counts as acknowledged once the client has written it to the
@@ -270,7 +291,7 @@ class MqttSink:
         *,
         rig_id: str,
         topic_prefix: str,
-        buffer: BufferLike,
+        buffer: MqttBufferLike,
         publish_timeout: float = PUBLISH_TIMEOUT,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         beat: Beat | None = None,
@@ -298,11 +319,14 @@ class MqttSink:
             buffer=buffer,
             log=self._log,
             beat=no_beat if beat is None else beat,
+            backlog_threshold=cfg.backlog_threshold,
+            backlog_rate=cfg.backlog_limit,
         )
 
         self._connected = False
         self._last_success: float | None = None
         self._published = 0
+        self._backfilled = 0
         self._messages = 0
         self._reconnects = 0
         self._last_error: str | None = None
@@ -323,6 +347,11 @@ class MqttSink:
     def published(self) -> int:
         """Readings acknowledged by the broker since the sink started."""
         return self._published
+
+    @property
+    def backfilled(self) -> int:
+        """Readings of those that went on the backfill topic."""
+        return self._backfilled
 
     @property
     def messages(self) -> int:
@@ -347,6 +376,10 @@ class MqttSink:
     def readings_topic(self, source: str) -> str:
         """Return the topic that readings of `source` are published on."""
         return self._settings.readings_topic(source)
+
+    def backfill_topic(self, source: str) -> str:
+        """Return the topic that the backlog lane publishes older readings of `source` on."""
+        return self._settings.backfill_topic(source)
 
     async def run(self) -> None:
         """Connect, publish and reconnect with backoff until cancelled.
@@ -422,8 +455,10 @@ class MqttSink:
         else:
             self._log.debug("mqtt_still_unavailable", failed_attempts=self._failures, **fields)
 
-    def _on_acked(self, pending: _Pending) -> None:
+    def _on_acked(self, pending: _Pending, backfill: bool) -> None:
         self._published += pending.count
+        if backfill:
+            self._backfilled += pending.count
         self._messages += 1
         self._last_success = time.time()
 
@@ -439,24 +474,72 @@ async def _connection(client: aiomqtt.Client, beat: Beat) -> AsyncIterator[None]
         await await_beating(client.__aexit__(None, None, None), beat, client.timeout)
 
 
+class _Lane:
+    """The publishes of one lane in a session: its window, acknowledgements and commits.
+
+    `start` is the seq after which the lane's acknowledgements begin. A lane
+    that acknowledges by range records `start + 1` to its acknowledged seq with
+    `ack_range`; otherwise it moves the cursor with `commit_cursor`.
+    """
+
+    def __init__(self, start: int, window: int, *, by_range: bool) -> None:
+        self.tracker = _AckTracker(start)
+        self.committed = start
+        self.handed_out = start
+        self.window = window
+        self.by_range = by_range
+        self.inflight: dict[asyncio.Task[None], _Pending] = {}
+        self.last_commit = 0.0
+
+    @property
+    def free(self) -> int:
+        """Messages the lane may still hand to the client before its window is full."""
+        return self.window - len(self.inflight)
+
+
+class _BacklogLane(_Lane):
+    """The backlog lane: the ranges it still has to read, and messages waiting for budget."""
+
+    def __init__(
+        self, ranges: Sequence[tuple[int, int]], window: int, rate: BacklogRate | None
+    ) -> None:
+        super().__init__(ranges[0][0] - 1, window, by_range=True)
+        self.ranges: deque[tuple[int, int]] = deque(ranges)
+        self.read_up_to = ranges[0][0] - 1
+        self.ready: deque[tuple[list[StoredReading], bytes]] = deque()
+        self.budget = None if rate is None else BacklogBudget(rate)
+        self.started = time.monotonic()
+        self.sent = 0
+
+    @property
+    def done(self) -> bool:
+        """True once every range is read, published, acknowledged and committed."""
+        return (
+            not self.ranges
+            and not self.ready
+            and not self.inflight
+            and self.committed == self.tracker.acked_seq
+        )
+
+
 class _Session:
-    """One broker connection: the publish window, acknowledgements and cursor commits."""
+    """One broker connection: the publish windows, acknowledgements and cursor commits."""
 
     def __init__(
         self,
         settings: _Settings,
         client: aiomqtt.Client,
-        on_acked: Callable[[_Pending], None],
+        on_acked: Callable[[_Pending, bool], None],
     ) -> None:
         self._s = settings
         self._client = client
         self._on_acked = on_acked
         self.entered = False
-        self._tracker = _AckTracker(0)
-        self._committed = 0
-        self._last_commit = 0.0
-        self._handed_out = 0
-        self._inflight: dict[asyncio.Task[None], _Pending] = {}
+        self._live = _Lane(0, settings.max_inflight, by_range=False)
+        self._backlog: _BacklogLane | None = None
+
+    def _lanes(self) -> list[_Lane]:
+        return [self._live] if self._backlog is None else [self._live, self._backlog]
 
     async def run(self, on_connected: Callable[[], None]) -> NoReturn:
         """Deliver until the link breaks (raises MqttError) or the task is cancelled."""
@@ -487,9 +570,7 @@ class _Session:
 
     async def _start(self) -> None:
         cursor = await self._s.buffer.cursor(self._s.sink)
-        self._tracker = _AckTracker(cursor)
-        self._committed = cursor
-        self._handed_out = cursor
+        self._live = _Lane(cursor, self._s.max_inflight, by_range=False)
         online = self._client.publish(
             self._s.status_topic,
             _status_payload("online", self._s.rig_id),
@@ -498,6 +579,16 @@ class _Session:
             timeout=self._s.publish_timeout,
         )
         await await_beating(online, self._s.beat, self._s.publish_timeout)
+
+        state = await plan_lanes(self._s.buffer, self._s.sink, self._s.backlog_threshold)
+        if state is None:
+            return
+        # The backlog lane gets half of the window, so the live lane always has room.
+        backlog_window = max(1, self._s.max_inflight // 2)
+        live_window = max(1, self._s.max_inflight - backlog_window)
+        self._live = _Lane(state.live_position, live_window, by_range=True)
+        if state.pending_ranges:
+            self._backlog = _BacklogLane(state.pending_ranges, backlog_window, self._s.backlog_rate)
 
     async def _watch_link(self) -> None:
         # The sink subscribes to nothing, so this loop only ends with the
@@ -509,51 +600,128 @@ class _Session:
         raise _LinkLost(msg)
 
     async def _deliver(self, watcher: asyncio.Task[None]) -> NoReturn:
+        live = self._live
         while True:
             # Each pass waits at most IDLE_WAIT, so an idle sink beats about once a second.
             self._s.beat()
             self._raise_if_broken(watcher)
             await self._commit()
-            free = self._s.max_inflight - len(self._inflight)
-            if free <= 0:
-                await self._wait(watcher)
+            # The live lane goes first, and never waits for the backlog lane's budget.
+            free = live.free
+            batch: list[StoredReading] = []
+            if free > 0:
+                limit = min(READ_LIMIT, free * self._s.max_per_message)
+                batch = await self._s.buffer.read_batch(
+                    self._s.sink, limit, after_seq=live.handed_out
+                )
+                if batch:
+                    self._publish_live(batch, limit, free)
+            backlog_delay = await self._feed_backlog()
+            if batch:
                 continue
 
-            limit = min(READ_LIMIT, free * self._s.max_per_message)
-            batch = await self._s.buffer.read_batch(self._s.sink, limit, after_seq=self._handed_out)
+            idle = None
+            if free > 0:
+                idle = self._s.buffer.wait_for_data(live.handed_out, IDLE_WAIT)
+            await self._wait(watcher, idle, backlog_delay)
+
+    def _publish_live(self, batch: list[StoredReading], limit: int, free: int) -> None:
+        groups = group_readings(batch, self._s.max_per_message)
+        if len(batch) == limit and len(groups) > 1:
+            # The last run may continue past this read, so read it again whole.
+            groups.pop()
+        # Groups beyond the free window slots are read again on a later pass.
+        for group in groups[:free]:
+            payload = build_payload(self._s.rig_id, group)
+            self._publish(self._live, group, self._s.readings_topic(group[0].source), payload)
+
+    async def _feed_backlog(self) -> float | None:
+        """Publish backlog messages while the lane has window and budget.
+
+        Returns the seconds until the budget allows the next message, or None
+        when the lane waits for acknowledgements or has nothing left to send.
+        """
+        lane = self._backlog
+        if lane is None:
+            return None
+        while lane.free > 0:
+            if not lane.ready and not await self._read_backlog(lane):
+                break
+            group, payload = lane.ready[0]
+            if lane.budget is not None:
+                cost = lane.budget.cost(len(group), len(payload))
+                delay = lane.budget.delay(cost)
+                if delay > 0:
+                    return delay
+                lane.budget.take(cost)
+            lane.ready.popleft()
+            self._publish(lane, group, self._s.backfill_topic(group[0].source), payload)
+            lane.sent += len(group)
+        if lane.done:
+            await self._finish_backlog(lane)
+        return None
+
+    async def _read_backlog(self, lane: _BacklogLane) -> bool:
+        """Read the next messages of the backlog into `lane.ready`; False when none is left."""
+        while lane.ranges:
+            first, last = lane.ranges[0]
+            first = max(first, lane.read_up_to + 1)
+            per_message = self._s.max_per_message
+            if lane.budget is not None:
+                per_message = lane.budget.max_readings(per_message)
+            limit = min(READ_LIMIT, lane.window * per_message)
+            batch = await self._s.buffer.read_range(first, last, limit) if first <= last else []
             if not batch:
-                idle = self._s.buffer.wait_for_data(self._handed_out, IDLE_WAIT)
-                await self._wait(watcher, idle)
+                lane.ranges.popleft()
                 continue
-
-            groups = group_readings(batch, self._s.max_per_message)
+            groups = group_readings(batch, per_message)
             if len(batch) == limit and len(groups) > 1:
-                # The last run may continue past this read, so read it again whole.
                 groups.pop()
-            # Groups beyond the free window slots are read again on a later pass.
-            for group in groups[:free]:
-                self._publish(group)
+            for group in groups:
+                lane.ready.append((group, build_payload(self._s.rig_id, group)))
+            lane.read_up_to = groups[-1][-1].seq
+            return True
+        return False
 
-    def _publish(self, group: list[StoredReading]) -> None:
-        pending = self._tracker.add(group[-1].seq, len(group))
-        call = self._client.publish(
-            self._s.readings_topic(group[0].source),
-            build_payload(self._s.rig_id, group),
-            qos=self._s.qos,
-            timeout=self._s.publish_timeout,
+    async def _finish_backlog(self, lane: _BacklogLane) -> None:
+        await self._s.buffer.end_split(self._s.sink)
+        self._backlog = None
+        self._live.window = self._s.max_inflight
+        self._s.log.info(
+            "lanes_drained",
+            readings=lane.sent,
+            drain_s=round(time.monotonic() - lane.started, 1),
+            cursor=await self._s.buffer.cursor(self._s.sink),
         )
-        self._inflight[asyncio.create_task(call)] = pending
-        self._handed_out = pending.last_seq
 
-    async def _wait(self, watcher: asyncio.Task[None], idle: Awaitable[bool] | None = None) -> None:
-        """Wait for a PUBACK, new data, a lost link, or the next commit slot."""
-        waiting: set[asyncio.Future[Any]] = {watcher, *self._inflight}
+    def _publish(self, lane: _Lane, group: list[StoredReading], topic: str, payload: bytes) -> None:
+        pending = lane.tracker.add(group[-1].seq, len(group))
+        call = self._client.publish(
+            topic, payload, qos=self._s.qos, timeout=self._s.publish_timeout
+        )
+        lane.inflight[asyncio.create_task(call)] = pending
+        lane.handed_out = pending.last_seq
+
+    async def _wait(
+        self,
+        watcher: asyncio.Task[None],
+        idle: Awaitable[bool] | None,
+        backlog_delay: float | None,
+    ) -> None:
+        """Wait for a PUBACK, new data, a lost link, backlog budget or the next commit slot."""
+        waiting: set[asyncio.Future[Any]] = {watcher}
+        for lane in self._lanes():
+            waiting.update(lane.inflight)
         idle_task = asyncio.ensure_future(idle) if idle is not None else None
         if idle_task is not None:
             waiting.add(idle_task)
         timeout = IDLE_WAIT
-        if self._tracker.acked_seq > self._committed:
-            timeout = max(0.0, self._last_commit + COMMIT_INTERVAL - time.monotonic())
+        for lane in self._lanes():
+            if lane.tracker.acked_seq > lane.committed:
+                due = max(0.0, lane.last_commit + COMMIT_INTERVAL - time.monotonic())
+                timeout = min(timeout, due)
+        if backlog_delay is not None:
+            timeout = min(timeout, backlog_delay)
         try:
             await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -564,17 +732,18 @@ class _Session:
     def _collect_finished(self) -> BaseException | None:
         """Record finished publishes as acknowledged and return the first failure."""
         failure: BaseException | None = None
-        for task in [t for t in self._inflight if t.done()]:
-            pending = self._inflight.pop(task)
-            if task.cancelled():
-                failure = failure or aiomqtt.MqttError("publish cancelled")
-                continue
-            error = task.exception()
-            if error is not None:
-                failure = failure or error
-                continue
-            self._tracker.ack(pending)
-            self._on_acked(pending)
+        for lane in self._lanes():
+            for task in [t for t in lane.inflight if t.done()]:
+                pending = lane.inflight.pop(task)
+                if task.cancelled():
+                    failure = failure or aiomqtt.MqttError("publish cancelled")
+                    continue
+                error = task.exception()
+                if error is not None:
+                    failure = failure or error
+                    continue
+                lane.tracker.ack(pending)
+                self._on_acked(pending, lane is self._backlog)
         return failure
 
     def _raise_if_broken(self, watcher: asyncio.Task[None]) -> None:
@@ -586,27 +755,34 @@ class _Session:
             raise error or _LinkLost("connection closed")
 
     async def _commit(self, *, force: bool = False) -> None:
-        acked = self._tracker.acked_seq
-        if acked <= self._committed:
-            return
-        if not force and time.monotonic() - self._last_commit < COMMIT_INTERVAL:
-            return
-        await self._s.buffer.commit_cursor(self._s.sink, acked)
-        self._committed = acked
-        self._last_commit = time.monotonic()
+        for lane in self._lanes():
+            acked = lane.tracker.acked_seq
+            if acked <= lane.committed:
+                continue
+            if not force and time.monotonic() - lane.last_commit < COMMIT_INTERVAL:
+                continue
+            if lane.by_range:
+                await self._s.buffer.ack_range(self._s.sink, lane.committed + 1, acked)
+            else:
+                await self._s.buffer.commit_cursor(self._s.sink, acked)
+            lane.committed = acked
+            lane.last_commit = time.monotonic()
 
     async def _abandon_inflight(self) -> None:
-        for task in self._inflight:
-            task.cancel()
-        await asyncio.gather(*self._inflight, return_exceptions=True)
+        for lane in self._lanes():
+            for task in lane.inflight:
+                task.cancel()
+            await asyncio.gather(*lane.inflight, return_exceptions=True)
         # Publishes that finished before the cancel still count as acknowledged.
         self._collect_finished()
-        self._inflight.clear()
+        for lane in self._lanes():
+            lane.inflight.clear()
 
     async def _stop_cleanly(self) -> None:
         """Collect PUBACKs for a moment, commit, then retain the offline status."""
-        if self._inflight:
-            await asyncio.wait(self._inflight, timeout=STOP_GRACE)
+        inflight = [task for lane in self._lanes() for task in lane.inflight]
+        if inflight:
+            await asyncio.wait(inflight, timeout=STOP_GRACE)
         await self._abandon_inflight()
         await self._commit(force=True)
         # The client's exit waits this long for its disconnect to finish.
@@ -621,4 +797,4 @@ class _Session:
             )
         except aiomqtt.MqttError as exc:
             self._s.log.debug("mqtt_offline_status_failed", error=str(exc))
-        self._s.log.info("mqtt_stopped", cursor=self._committed)
+        self._s.log.info("mqtt_stopped", cursor=await self._s.buffer.cursor(self._s.sink))
