@@ -36,7 +36,8 @@ class ReadingInbox:
     """
 
     def __init__(self, rig_id: str) -> None:
-        self.topic_prefix = f"rigs/{rig_id}/readings/"
+        # Live readings and the backlog lane's replayed readings both count.
+        self.topic_prefixes = (f"rigs/{rig_id}/readings/", f"rigs/{rig_id}/backfill/")
         self._seen = bytearray()
         self.received = 0
         """Readings received, duplicates included."""
@@ -53,7 +54,7 @@ class ReadingInbox:
 
     def handle(self, topic: str, payload: bytes, received_us: int) -> None:
         """Count one message; messages of other rigs and topics are ignored."""
-        if not topic.startswith(self.topic_prefix):
+        if not topic.startswith(self.topic_prefixes):
             return
         body = json.loads(payload)
         readings = body["readings"]
@@ -114,7 +115,7 @@ class ReadingInbox:
 
 @asynccontextmanager
 async def subscribe(port: int, inboxes: list[ReadingInbox]) -> AsyncIterator[None]:
-    """Subscribe to every rig's readings with QoS 1 and feed each message to the inboxes.
+    """Subscribe to every rig's readings and backfill with QoS 1; feed each message to the inboxes.
 
     The list may change while subscribed: a message goes to the inboxes in it on arrival.
     """
@@ -125,6 +126,7 @@ async def subscribe(port: int, inboxes: list[ReadingInbox]) -> AsyncIterator[Non
         try:
             async with aiomqtt.Client("127.0.0.1", port, identifier=f"bench-sub-{port}") as client:
                 await client.subscribe("rigs/+/readings/#", qos=1)
+                await client.subscribe("rigs/+/backfill/#", qos=1)
                 connected.set()
                 async for message in client.messages:
                     received_us = time.time_ns() // 1000

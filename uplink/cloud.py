@@ -45,6 +45,8 @@ log = structlog.get_logger(__name__)
 READINGS_PATH = "/v1/readings"
 BACKLOG_HEADER = "X-Rig-Backlog"
 """Header with the value "1" on every batch of the backlog lane."""
+GZIP_LEVEL = 6
+"""gzip level of batch bodies: a third of the CPU of level 9 for a body about 4 % larger."""
 RETRY_BASE_DELAY = 0.5
 RETRY_MAX_DELAY = 60.0
 """Ceiling in seconds of the jittered backoff after network errors and 5xx responses."""
@@ -400,7 +402,9 @@ class CloudSink:
         while parts:
             self._beat()
             part = parts.pop()
-            body = gzip.compress(build_body(self._cfg.device_id, self._rig_id, part))
+            body = gzip.compress(
+                build_body(self._cfg.device_id, self._rig_id, part), compresslevel=GZIP_LEVEL
+            )
             if budget is not None:
                 cost = budget.cost(len(part), len(body))
                 delay = budget.delay(cost)
