@@ -20,7 +20,7 @@ _DICT_TRACEBACKS = structlog.processors.ExceptionRenderer(
 
 
 _threshold = logging.INFO
-"""Least severe level written. A module variable, so that a reload reaches bound loggers too."""
+"""Minimum level written. A module variable, so that a reload reaches bound loggers too."""
 
 
 def _drop_below_threshold(

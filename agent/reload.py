@@ -94,12 +94,13 @@ def plan_reload(old: Config, new: Config) -> tuple[ReloadPlan, Config]:
 
     A source restarts when its table changed in any key, or when it was added
     or removed. A sink restarts when its table changed, and the witsml sink
-    also when [cloud] or the units of its channels changed. Changing the rig
-    id, the data directory, the log format or the buffer, and adding or
-    removing a whole sink, need a full restart, because the buffer keeps one
-    cursor per sink and is never reopened: the returned config keeps the old
-    values of those parts, and `restart_required` names them. A sink kept
-    this way keeps running unchanged.
+    also when [cloud] or the units of its channels changed.
+
+    Changing the rig id, the data directory, the log format or the buffer,
+    and adding or removing a whole sink, need a full restart, because the
+    buffer keeps one cursor per sink and is never reopened. The returned
+    config keeps the old values of those parts, and `restart_required` names
+    them. A sink kept this way keeps running unchanged.
     """
     required: list[str] = []
     agent_update: dict[str, object] = {}

@@ -606,7 +606,8 @@ class _Session:
             self._s.beat()
             self._raise_if_broken(watcher)
             await self._commit()
-            # The live lane goes first, and never waits for the backlog lane's budget.
+            # The live lane is served first in each pass and does not draw on the
+            # backlog lane's rate budget.
             free = live.free
             batch: list[StoredReading] = []
             if free > 0:
