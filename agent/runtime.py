@@ -136,7 +136,7 @@ class Agent:
         self._retired_errors: Counter[str] = Counter()
         self._retired_jumps = 0
 
-        # Cached by the refresh task, so that /metrics never waits for SQLite.
+        # Cached by the refresh task, so that a /metrics request does not query SQLite.
         self._stats: BufferStats | None = None
         self._oldest_ts_us: dict[str, int] = {}
         self._quarantined: dict[str, int] = {}

@@ -7,9 +7,9 @@ every heartbeat is recent and the event loop wakes up on time, so that systemd
 restarts an agent that hangs.
 
 The protocol is one Unix datagram per message, so this module uses the
-standard library. The agent needs sends that never block the event loop and
-failures logged through its own logger, and the bindings to libsystemd
-(systemd-python, cysystemd) would add a compiled dependency for that.
+standard library. The agent needs non-blocking sends and failures logged
+through its own logger. The bindings to libsystemd (systemd-python,
+cysystemd) would add a compiled dependency for that.
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ class Notifier:
 
     Each message is one datagram on a non-blocking socket. When the service
     manager is busy or gone, the message is dropped and the send method
-    returns False after a rate-limited warning, so the event loop never waits
-    and the caller never sees an OSError.
+    returns False after a rate-limited warning. The socket does not block the
+    event loop, and send errors (OSError) are caught, not raised.
     """
 
     def __init__(self, address: str, *, watchdog_usec: int | None = None) -> None:

@@ -128,7 +128,7 @@ _UPDATE_CHANNEL_LAST = (
 _SELECT_CHANNEL_IDS = "SELECT source, channel, id FROM channels"
 _SELECT_LAST_SEQ = "SELECT seq FROM sqlite_sequence WHERE name = 'readings'"
 _SELECT_SEQ_RANGE = "SELECT (SELECT min(seq) FROM readings), (SELECT max(seq) FROM readings)"
-"""Two scalar subqueries: SQLite answers each from the primary key, while a single
+"""Two scalar subqueries, because SQLite reads each from the primary key, while a single
 SELECT min(seq), max(seq) scans the whole table."""
 _SELECT_BATCH = """
     SELECT r.seq, r.ts_us, c.source, c.channel, r.value, c.unit, r.quality

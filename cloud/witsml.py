@@ -116,10 +116,10 @@ class LogUpload:
 def parse_log_upload(raw: bytes, content_encoding: str | None, *, limit: int) -> LogUpload:
     """Decode, check and parse an upload body.
 
-    Raises IngestRejected: 400 for a body that is not gzip although Content-Encoding is gzip,
-    413 above `limit` bytes (before or after decompression), 415 for another
-    Content-Encoding, and 422 with every problem found (line and message) for
-    a document that breaks the server rules.
+    Raises IngestRejected with 400 for a body that is not gzip although
+    Content-Encoding is gzip, and 413 above `limit` bytes, before or after
+    decompression. Another Content-Encoding gets 415. A document that breaks
+    the server rules gets 422 with every problem found (line and message).
     """
     if len(raw) > limit:
         raise body_too_large(limit)

@@ -581,7 +581,7 @@ def test_parse_time_bound(text: str, expected: int) -> None:
 def test_since_before_buffer_noted(
     sample: tuple[Path, list[StoredReading]], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A --since far before the oldest reading says that delivered readings were deleted."""
+    """A --since far before the oldest reading notes that delivered readings were deleted."""
     config, stored = sample
     first = format_ts(min(r.ts_us for r in stored) - 3_600_000_000)
     near = format_ts(min(r.ts_us for r in stored))

@@ -135,12 +135,12 @@ async def inbox_on(port: int, qos: int = 0) -> AsyncIterator[Inbox]:
             await task
 
 
-async def wait_until(check: Callable[[], bool], limit_s: float = WAIT, what: str = "") -> None:
-    """Poll `check` until it holds; fail naming `what` after `limit_s` seconds."""
+async def wait_until(check: Callable[[], bool], limit_s: float = WAIT, label: str = "") -> None:
+    """Poll `check` until it holds; fail naming `label` after `limit_s` seconds."""
     deadline = time.monotonic() + limit_s
     while not check():
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {limit_s:.0f} s waiting for {what or 'a condition'}")
+            pytest.fail(f"timed out after {limit_s:.0f} s waiting for {label or 'a condition'}")
         await asyncio.sleep(0.01)
 
 
@@ -174,17 +174,17 @@ async def running(*coroutines: Any) -> AsyncIterator[list[asyncio.Task[Any]]]:
 
 
 def max_in_window(arrivals: list[Arrival], window_s: float) -> int:
-    """Return the most readings that arrived within any `window_s` seconds."""
+    """Return the maximum number of readings that arrived within any `window_s` seconds."""
     times = [a.monotonic for a in arrivals]
     counts = [len(a.seqs) for a in arrivals]
     prefix = [0]
     for count in counts:
         prefix.append(prefix[-1] + count)
-    most = 0
+    max_count = 0
     for index, start in enumerate(times):
         end = bisect.bisect_left(times, start + window_s)
-        most = max(most, prefix[end] - prefix[index])
-    return most
+        max_count = max(max_count, prefix[end] - prefix[index])
+    return max_count
 
 
 # --- MQTT: a 60 s outage at 1,000 readings/s -----------------------------------
@@ -221,7 +221,7 @@ async def test_mqtt_live_first_after_outage(mosquitto: Mosquitto, tmp_path: Path
         writer = BufferWriter(buffer, commit_interval=0.1)
         sink = MqttSink(cfg, rig_id=RIG, topic_prefix=PREFIX, buffer=buffer, sleep=gated_sleep)
         async with running(writer.run(), produce(writer, LIVE_RATE), sink.run()) as tasks:
-            await wait_until(lambda: len(inbox.seqs()) >= LIVE_RATE, what="live readings")
+            await wait_until(lambda: len(inbox.seqs()) >= LIVE_RATE, label="live readings")
 
             retry_allowed.clear()
             await asyncio.to_thread(mosquitto.stop)
@@ -255,7 +255,7 @@ async def test_mqtt_live_first_after_outage(mosquitto: Mosquitto, tmp_path: Path
                 await asyncio.sleep(0.1)
             tasks[1].cancel()
             await writer.flush()
-            await wait_until(lambda: len(set(inbox.seqs())) >= buffer.last_seq, what="every seq")
+            await wait_until(lambda: len(set(inbox.seqs())) >= buffer.last_seq, label="every seq")
         last_seq = buffer.last_seq
 
     # The first live reading came within 1 s of the reconnect and was at most 1 s old.
@@ -274,15 +274,15 @@ async def test_mqtt_live_first_after_outage(mosquitto: Mosquitto, tmp_path: Path
     assert set(inbox.seqs("backfill")) == set(range(cursor_before + 1, split + 1))
 
     allowance = max(BACKLOG_RATE * BURST_SECONDS, PER_MESSAGE)
-    most = max_in_window(backfill, 10.0)
+    max_in_10s = max_in_window(backfill, 10.0)
     drain_s = backfill[-1].monotonic - backfill[0].monotonic
     print(
         f"backfill: {len(inbox.seqs('backfill'))} readings in {drain_s:.1f} s, "
-        f"at most {most} in 10 s; first live reading "
+        f"at most {max_in_10s} in 10 s; first live reading "
         f"{live.monotonic - connected_at:.3f} s after the reconnect"
     )
     assert drain_s >= min(10.0, 0.8 * expected_drain_s)
-    assert most <= BACKLOG_RATE * 10 + allowance
+    assert max_in_10s <= BACKLOG_RATE * 10 + allowance
     # The limiter paces the lane rather than stalling it.
     assert len(inbox.seqs("backfill")) / drain_s >= 0.8 * BACKLOG_RATE
 
@@ -378,13 +378,13 @@ async def test_mqtt_kill_during_drain(mosquitto: Mosquitto, tmp_path: Path) -> N
         async with inbox_on(mosquitto.port, qos=1) as inbox, asyncio.timeout(120):
             with closing_agent(agent):
                 await agent.start()
-                await wait_until(lambda: len(inbox.seqs()) >= 1000, what="live readings")
+                await wait_until(lambda: len(inbox.seqs()) >= 1000, label="live readings")
                 await asyncio.to_thread(mosquitto.stop)
                 await asyncio.sleep(6.0)
                 await asyncio.to_thread(mosquitto.start)
 
                 # Kill the agent once the drain has begun, well before it ends.
-                await wait_until(lambda: len(inbox.seqs("backfill")) >= 1500, what="backfill")
+                await wait_until(lambda: len(inbox.seqs("backfill")) >= 1500, label="backfill")
                 agent.kill()
                 killed = read_stats(data_dir, ["mqtt"]).backlogs[0]
                 assert killed.split is not None
@@ -417,15 +417,15 @@ async def test_mqtt_kill_during_drain(mosquitto: Mosquitto, tmp_path: Path) -> N
                 assert lanes[2].split()[0] == "mqtt"
                 await wait_until(
                     lambda: read_stats(data_dir, ["mqtt"]).backlogs[0].split is None,
-                    what="the drain to end after the restart",
+                    label="the drain to end after the restart",
                 )
                 await peer.stop()
                 await wait_until(
-                    lambda: read_stats(data_dir, ["mqtt"]).sinks[0].depth == 0, what="depth 0"
+                    lambda: read_stats(data_dir, ["mqtt"]).sinks[0].depth == 0, label="depth 0"
                 )
                 last_seq = read_stats(data_dir, ["mqtt"]).last_seq
                 await wait_until(
-                    lambda: set(range(1, last_seq + 1)) <= set(inbox.seqs()), what="every seq"
+                    lambda: set(range(1, last_seq + 1)) <= set(inbox.seqs()), label="every seq"
                 )
                 assert agent.terminate() == 0
     finally:
@@ -497,20 +497,20 @@ async def test_cloud_live_first_after_outage(
         writer = BufferWriter(buffer, commit_interval=0.1)
         sink = CloudSink(cfg, rig_id=RIG, buffer=buffer, key=device_key, sleep=short_sleep)
         async with running(writer.run(), produce(writer, LIVE_RATE), sink.run()) as tasks:
-            await wait_until(lambda: sink.uploaded >= 1000, what="live uploads")
+            await wait_until(lambda: sink.uploaded >= 1000, label="live uploads")
             await asyncio.to_thread(service.stop)
             await wait_until(lambda: not sink.connected, 10, "the sink to notice the outage")
             await asyncio.sleep(8.0)
             outage_events = len(debug_logs)
             await asyncio.to_thread(service.start)
 
-            await wait_until(lambda: sink.backfilled > 0, what="backlog uploads")
+            await wait_until(lambda: sink.backfilled > 0, label="backlog uploads")
             while (await buffer.backlog("cloud")).split is not None:
                 assert not tasks[2].done(), "the sink stopped"
                 await asyncio.sleep(0.1)
             tasks[1].cancel()
             await writer.flush()
-            await wait_until(lambda: sink.uploaded >= buffer.last_seq, what="every reading")
+            await wait_until(lambda: sink.uploaded >= buffer.last_seq, label="every reading")
             last_seq = buffer.last_seq
         stats = await service.device_stats(device_id)
         stored = [row["seq"] for row in await service.readings(device_id)]

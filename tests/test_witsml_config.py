@@ -467,7 +467,7 @@ def test_unknown_channel_suggestion_ignores_case(tmp_path: Path) -> None:
 
 
 def test_unknown_channel_without_sources(tmp_path: Path) -> None:
-    """A config with no sources gets an error that asks for a source table."""
+    """A config with no sources gets an error requesting a source table."""
     errors = rejected_at(tmp_path, AGENT + CLOUD + witsml_table(SPPA), "standpipe_pressure = {")
     assert "this file has no sources" in errors
 

@@ -233,7 +233,7 @@ async def test_outage_and_kill_every_row_once(
 
             await wait_until(caught_up, 20, "the rows of the outage")
 
-            # (b) A document is in flight when the agent is killed: the service answered
+            # (b) A document is in flight when the agent is killed: the service returned
             # 503 with Retry-After, and the agent is waiting to send it again.
             await add_fault(service, status=503, retry_after=30, count=1, route="witsml")
 

@@ -507,7 +507,7 @@ async def test_fault_503_retry_after(
 
 
 async def test_fault_after_store(uploader: Uploader, faults: CloudService, log_uid: str) -> None:
-    """A fault after storage answers 503 for a stored document, so the retry is a duplicate."""
+    """A fault after storage returns 503 for a stored document, so the retry is a duplicate."""
     await faults.inject_fault(status=503, after_store=True)
     document = log_document(log_uid, [f"{T0},1,2"])
     key = f"{uploader.device_id}:witsml:{log_uid}:1-1"
