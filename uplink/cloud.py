@@ -215,8 +215,7 @@ class CloudSink:
         self._quarantined = 0
         self._requests = 0
         self._last_error: str | None = None
-        self._failures = 0
-        self._outage_started: float | None = None
+        self._outage = UploadOutage(self._log, "cloud")
 
     @property
     def connected(self) -> bool:
@@ -552,28 +551,57 @@ class CloudSink:
         self, part: list[StoredReading], error: str, status: int | None, delay: float
     ) -> None:
         self._last_error = error
-        self._failures += 1
-        fields: dict[str, Any] = {
-            "first_seq": part[0].seq,
-            "last_seq": part[-1].seq,
-            "status": status,
-            "error": error,
-            "retry_in_s": round(delay, 2),
-        }
-        if self._outage_started is None:
-            self._outage_started = time.monotonic()
-            self._log.warning("cloud_upload_failed", **fields)
-        else:
-            self._log.debug("cloud_upload_failed", failed_attempts=self._failures, **fields)
+        self._outage.failed(
+            first_seq=part[0].seq,
+            last_seq=part[-1].seq,
+            status=status,
+            error=error,
+            retry_in_s=round(delay, 2),
+        )
 
     def _on_recovered(self) -> None:
-        if self._outage_started is None:
+        self._outage.recovered()
+
+
+class UploadOutage:
+    """Failed attempts since the last success, logged at warning once per outage.
+
+    The first failure after a success is a warning, later ones are debug
+    lines with the attempt count, and the next success logs the outage length.
+    """
+
+    def __init__(self, logger: Any, event_prefix: str) -> None:
+        self._log = logger
+        self._prefix = event_prefix
+        self._failures = 0
+        self._started: float | None = None
+
+    @property
+    def active(self) -> bool:
+        """True between a failed attempt and the next success."""
+        return self._started is not None
+
+    def failed(self, **fields: Any) -> None:
+        """Count a failed attempt and log it."""
+        self._failures += 1
+        event = f"{self._prefix}_upload_failed"
+        if self._started is None:
+            self._started = time.monotonic()
+            self._log.warning(event, **fields)
+        else:
+            self._log.debug(event, failed_attempts=self._failures, **fields)
+
+    def recovered(self) -> None:
+        """End the outage, if any, and log how long it lasted."""
+        if self._started is None:
             return
-        outage = time.monotonic() - self._outage_started
+        outage = time.monotonic() - self._started
         self._log.info(
-            "cloud_upload_recovered", outage_s=round(outage, 1), failed_attempts=self._failures
+            f"{self._prefix}_upload_recovered",
+            outage_s=round(outage, 1),
+            failed_attempts=self._failures,
         )
-        self._outage_started = None
+        self._started = None
         self._failures = 0
 
 

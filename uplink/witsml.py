@@ -25,6 +25,7 @@ from uplink.cloud import (
     RETRY_BASE_DELAY,
     RETRY_MAX_DELAY,
     CloudBufferLike,
+    UploadOutage,
     _reason,
     _ssl_context,
     parse_retry_after,
@@ -203,8 +204,7 @@ class WitsmlSink:
         self._rows_uploaded = 0
         self._documents_uploaded = 0
         self._rejected_rows = 0
-        self._failures = 0
-        self._outage_started: float | None = None
+        self._outage = UploadOutage(self._log, "witsml")
 
     @property
     def connected(self) -> bool:
@@ -408,7 +408,7 @@ class WitsmlSink:
                     # stored until someone fixes one of the two, so the readings stay
                     # in the buffer and the upload is retried as after an outage.
                     delay = self._max_delay
-                    if self._outage_started is None:
+                    if not self._outage.active:
                         self._log.error(
                             "witsml_log_conflict",
                             reason=_reason(response),
@@ -456,23 +456,10 @@ class WitsmlSink:
         self, fields: dict[str, Any], error: str, status: int | None, delay: float
     ) -> None:
         self._last_error = error
-        self._failures += 1
-        details = {**fields, "status": status, "error": error, "retry_in_s": round(delay, 2)}
-        if self._outage_started is None:
-            self._outage_started = time.monotonic()
-            self._log.warning("witsml_upload_failed", **details)
-        else:
-            self._log.debug("witsml_upload_failed", failed_attempts=self._failures, **details)
+        self._outage.failed(**fields, status=status, error=error, retry_in_s=round(delay, 2))
 
     def _on_recovered(self) -> None:
-        if self._outage_started is None:
-            return
-        outage = time.monotonic() - self._outage_started
-        self._log.info(
-            "witsml_upload_recovered", outage_s=round(outage, 1), failed_attempts=self._failures
-        )
-        self._outage_started = None
-        self._failures = 0
+        self._outage.recovered()
 
 
 LOG_CONFLICT_REASON = "log_conflict"
