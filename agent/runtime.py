@@ -7,6 +7,8 @@ import contextlib
 import dataclasses
 import functools
 import importlib.metadata
+import itertools
+import operator
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -33,7 +35,7 @@ from buffer.store import Buffer, BufferStats
 from buffer.writer import BufferWriter
 from config.model import CloudSection, Config, ModbusSource, Wits0Source
 from drivers.base import Driver
-from drivers.modbus import ModbusDriver
+from drivers.modbus import ModbusDriver, poll_phases
 from drivers.modbus_bus import BusRegistry, ModbusBus
 from drivers.wits0 import Wits0Driver
 from uplink.auth import KeyFileError, load_private_key, resolve_secret_path
@@ -116,7 +118,10 @@ class Agent:
         self.clock = clock if clock is not None else _clock_watch(config)
 
         buses = BusRegistry()
-        self.drivers: list[Driver] = [self._build_driver(s, buses) for s in _sources(config)]
+        phases = poll_phases(config.sources.modbus)
+        self.drivers: list[Driver] = [
+            self._build_driver(s, buses, phases) for s in _sources(config)
+        ]
         self.sinks: list[MqttSink] = []
         """The MQTT sink, when [mqtt] is set."""
         self.cloud_sink: CloudSink | None = None
@@ -160,12 +165,19 @@ class Agent:
         witsml = [self.witsml_sink] if self.witsml_sink is not None else []
         return [*self.sinks, *cloud, *witsml]
 
-    def _build_driver(self, source: Source, buses: BusRegistry | dict[str, ModbusBus]) -> Driver:
+    def _build_driver(
+        self,
+        source: Source,
+        buses: BusRegistry | dict[str, ModbusBus],
+        phases: dict[str, float],
+    ) -> Driver:
         if isinstance(source, Wits0Source):
             return Wits0Driver(source)
         if isinstance(buses, BusRegistry):
-            return ModbusDriver(source, buses.bus_for(source.endpoint))
-        return ModbusDriver(source, buses[source.endpoint.bus_key])
+            bus = buses.bus_for(source.endpoint)
+        else:
+            bus = buses[source.endpoint.bus_key]
+        return ModbusDriver(source, bus, phase=phases.get(source.name, 0.0))
 
     def _build_sinks(
         self, config: Config, key: EllipticCurvePrivateKey | None, names: Sequence[str]
@@ -236,15 +248,17 @@ class Agent:
         if self.clock is not None and readings:
             check = self.clock.check()
             if check.synchronized is False:
-                readings = [_uncertain(reading) for reading in readings]
+                readings = _uncertain(readings)
         await self.writer.put(readings)
         now = time.time()
-        for reading in readings:
-            counts = self._readings.get(reading.source)
+        # Every reading of a driver's batch comes from one source, so this loops once.
+        # groupby, attrgetter and Counter.update count the readings in C.
+        for source, group in itertools.groupby(readings, key=_SOURCE):
+            counts = self._readings.get(source)
             if counts is None:
-                counts = self._readings[reading.source] = Counter()
-            counts[reading.channel] += 1
-            self._last_reading[reading.source] = now
+                counts = self._readings[source] = Counter()
+            counts.update(map(_CHANNEL, group))
+            self._last_reading[source] = now
 
     # --- running ----------------------------------------------------------------------------
 
@@ -630,7 +644,8 @@ class Agent:
         for source in plan.start_sources:
             if isinstance(source, ModbusSource) and source.endpoint.bus_key not in buses:
                 buses[source.endpoint.bus_key] = registry.bus_for(source.endpoint)
-        drivers = [self._build_driver(source, buses) for source in plan.start_sources]
+        phases = poll_phases(effective.sources.modbus)
+        drivers = [self._build_driver(source, buses, phases) for source in plan.start_sources]
         return drivers, sinks, key
 
     async def _apply(
@@ -720,18 +735,20 @@ def _clock_watch(config: Config) -> ClockWatch | None:
     return ClockWatch(config.agent.clock_jump_threshold)
 
 
-def _uncertain(reading: Reading) -> Reading:
-    if reading.quality is not Quality.GOOD:
-        return reading
-    # A direct constructor call costs half of dataclasses.replace on this hot path.
-    return Reading(
-        reading.ts_us,
-        reading.source,
-        reading.channel,
-        reading.value,
-        reading.unit,
-        Quality.UNCERTAIN,
-    )
+_SOURCE = operator.attrgetter("source")
+_CHANNEL = operator.attrgetter("channel")
+
+
+def _uncertain(readings: Sequence[Reading]) -> list[Reading]:
+    """Return the readings with good ones marked uncertain."""
+    good, uncertain, new = Quality.GOOD, Quality.UNCERTAIN, tuple.__new__
+    # The agent does this for every reading while the clock is unsynchronized.
+    # tuple.__new__ with all six fields builds the same Reading as its constructor
+    # in about half the time, and a quarter of the time of Reading._replace.
+    return [
+        new(Reading, (ts_us, source, channel, value, unit, uncertain if q is good else q))
+        for ts_us, source, channel, value, unit, q in readings
+    ]
 
 
 def _driver_errors(driver: Driver) -> int:

@@ -142,7 +142,9 @@ class BufferWriter:
             if count == 0:
                 return
             self._last_commit = asyncio.get_running_loop().time()
-            task = asyncio.create_task(self._buffer.append(self._pending[:count]))
+            # put() checked every reading, so the append does not check them again.
+            append = self._buffer.append(self._pending[:count], checked=True)
+            task = asyncio.create_task(append)
             # Registered before any waiter, so _settle runs before a waiter resumes.
             task.add_done_callback(functools.partial(self._settle, count))
             self._in_flight = task

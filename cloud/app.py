@@ -162,8 +162,8 @@ async def post_readings(
     log.info(
         "batch_stored",
         device_id=batch.device_id,
-        first_seq=batch.readings[0].seq,
-        last_seq=batch.readings[-1].seq,
+        first_seq=batch.readings[0]["seq"],
+        last_seq=batch.readings[-1]["seq"],
         accepted=result.accepted,
         duplicates=result.duplicates,
         backfill=backfill,
@@ -175,10 +175,10 @@ async def post_readings(
 
 
 def _check_rejected_seq(faults: FaultPlan, batch: ReadingBatch) -> None:
-    seq = faults.take_rejected_seq(r.seq for r in batch.readings)
+    seq = faults.take_rejected_seq(r["seq"] for r in batch.readings)
     if seq is None:
         return
-    index = next(i for i, r in enumerate(batch.readings) if r.seq == seq)
+    index = next(i for i, r in enumerate(batch.readings) if r["seq"] == seq)
     detail = {
         "message": f"reading seq {seq} rejected by an injected fault",
         "index": index,

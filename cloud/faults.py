@@ -93,6 +93,8 @@ class FaultPlan:
 
     def take_rejected_seq(self, seqs: Iterable[int]) -> int | None:
         """Return the first seq fault's seq found among `seqs`, using up one of its requests."""
+        if all(fault.reject_seq is None for fault, _ in self._faults):
+            return None  # No seq fault is pending, as usual: skip building the set.
         batch_seqs = set(seqs)
         for position, (fault, remaining) in enumerate(self._faults):
             if fault.reject_seq is not None and fault.reject_seq in batch_seqs:

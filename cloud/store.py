@@ -30,6 +30,8 @@ NO_DEVICE = ""
 """Device id under which requests rejected before authentication are counted."""
 
 _SCHEMA = """
+-- Without a rowid the key (device_id, seq) is the table itself, so an insert
+-- updates one B-tree rather than a table and a separate unique index.
 CREATE TABLE IF NOT EXISTS readings (
     device_id TEXT NOT NULL,
     seq INTEGER NOT NULL,
@@ -39,8 +41,8 @@ CREATE TABLE IF NOT EXISTS readings (
     value REAL,
     unit TEXT NOT NULL,
     quality TEXT NOT NULL,
-    UNIQUE (device_id, seq)
-);
+    PRIMARY KEY (device_id, seq)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS devices (
     device_id TEXT PRIMARY KEY,
     requests INTEGER NOT NULL DEFAULT 0,
@@ -219,7 +221,16 @@ class ReadingStore:
     ) -> BatchResult:
         conn = self._db()
         rows = [
-            (device_id, r.seq, rig_id, r.ts, r.channel, r.value, r.unit, r.quality)
+            (
+                device_id,
+                r["seq"],
+                rig_id,
+                r["ts"],
+                r["channel"],
+                r["value"],
+                r["unit"],
+                r["quality"],
+            )
             for r in readings
         ]
         now = time.time()

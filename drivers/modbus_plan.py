@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, NamedTuple
 
 from config.model import ModbusPoint, ModbusSource
-from drivers.modbus_decode import decode_registers, engineering_value
-from drivers.modbus_types import MAX_READ_BITS, MAX_READ_REGISTERS, TABLES
+from drivers.modbus_decode import (
+    apply_scale,
+    decode_registers,
+    engineering_value,
+    round_scaled,
+    shortest_float32,
+    value_struct,
+)
+from drivers.modbus_types import DATA_TYPES, MAX_READ_BITS, MAX_READ_REGISTERS, TABLES, DataType
 
 __all__ = [
     "MAX_REGISTERS_PER_READ",
@@ -43,6 +50,16 @@ class ReadRequest:
     """Number of registers, or bits for coil and discrete, read."""
     points: tuple[ModbusPoint, ...]
     """The points the read serves, by address."""
+    _decoder: _RequestDecoder = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Plans the decoding of every response once, when the read is planned.
+        object.__setattr__(self, "_decoder", _RequestDecoder.for_request(self))
+
+    def __reduce__(self) -> tuple[type[ReadRequest], tuple[str, int, int, tuple[ModbusPoint, ...]]]:
+        # The decoder contains struct.Struct methods, which pickle cannot copy, so a
+        # pickled read rebuilds it.
+        return ReadRequest, (self.table, self.address, self.count, self.points)
 
     @property
     def span(self) -> str:
@@ -68,8 +85,7 @@ class ReadRequest:
         return self.count - len(covered)
 
 
-@dataclass(frozen=True, slots=True)
-class PointValue:
+class PointValue(NamedTuple):
     """The outcome of one point in a decoded read."""
 
     point: ModbusPoint
@@ -179,18 +195,229 @@ def decode_request(request: ReadRequest, data: Sequence[int] | Sequence[bool]) -
     `data` is the response's registers (exactly `count` of them), or its
     bits for coils and discrete inputs, which pymodbus pads to a multiple of
     8; only the first `count` bits are used. Raises ValueError when `data`
-    is shorter than the request.
+    is shorter than the request, or when a register that a point reads is
+    outside 0..65535.
     """
     if len(data) < request.count or (not request.is_bits and len(data) != request.count):
         unit = "bits" if request.is_bits else "registers"
         msg = f"read of {request.span} returned {len(data)} {unit}, expected {request.count}"
         raise ValueError(msg)
-    return [_decode_point(request, point, data) for point in request.points]
+    return request._decoder.decode(request, data)
+
+
+# Point kinds, which choose the steps of `_RequestDecoder.decode` from raw value to PointValue.
+_INTEGER = 0
+"""An integer type with no scale, offset or null_value: the value is float(raw)."""
+_FLOAT32 = 1
+"""A float32 with no scale, offset or null_value: the shortest decimal, checked finite."""
+_FLOAT64 = 2
+"""A float64 with no scale, offset or null_value: the raw value, checked finite."""
+_GENERAL = 3
+"""Anything else, done by `_finish_value` with the point's `_ValueSteps`."""
+_REFERENCE = 4
+"""A point without a plan, decoded by `_decode_point` (see `_RequestDecoder`)."""
+
+_new_point_value = tuple.__new__
+"""Builds a PointValue from one tuple, in about half the time of `PointValue(...)` (timeit,
+CPython 3.11)."""
+
+
+class _ValueSteps(NamedTuple):
+    """The steps from raw value to PointValue of a point of kind _GENERAL."""
+
+    bit: int
+    """Bit of the register that a bool in a register reads, or -1."""
+    null_is_nan: bool
+    """Whether the null_value is NaN, which any NaN raw value matches."""
+    null: float | None
+    """The raw null value, or None. For float32, the float32 nearest to the null_value."""
+    shortest: bool
+    """Whether the raw value is a float32, which becomes its shortest decimal first."""
+    scaled: bool
+    """Whether scale or offset change the value, which then loses its rounding noise."""
+
+
+_NO_STEPS = _ValueSteps(-1, False, None, False, False)
+"""The steps of a point of kind _REFERENCE, which uses none of them."""
+
+
+class _PointPlan(NamedTuple):
+    """The decoding of one point of a read, worked out once when the read is planned."""
+
+    point: ModbusPoint
+    kind: int
+    """_INTEGER, _FLOAT32, _FLOAT64, _GENERAL or _REFERENCE."""
+    unpack_from: Callable[[bytes, int], tuple[Any, ...]] | None
+    """Reads the raw value from a packed response, or None for a coil or discrete input."""
+    swapped: bool
+    """Whether the value reads from the response packed with each register's bytes swapped."""
+    position: int
+    """Byte offset of the value in the packed response, or index of the bit for bit tables."""
+    steps: _ValueSteps
+    """The steps of a point of kind _GENERAL."""
+
+
+@dataclass(frozen=True, slots=True)
+class _RequestDecoder:
+    """Decodes the responses of one read with the work per point planned once.
+
+    Registers decode from the response packed into bytes once, or twice
+    when a point's byte and word orders differ (see `value_struct`). A point
+    that the plan cannot serve, such as one built without config validation
+    with an invalid order, decodes with `_decode_point`, which raises the
+    same errors as `decode_registers`.
+    """
+
+    plans: tuple[_PointPlan, ...]
+    pack_plain: Callable[..., bytes] | None
+    """Packs the registers high byte first, or None for bit tables."""
+    pack_swapped: Callable[..., bytes] | None
+    """Packs the registers low byte first, or None when no point reads the swapped bytes."""
+
+    @classmethod
+    def for_request(cls, request: ReadRequest) -> _RequestDecoder:
+        plans = tuple(_plan_point(request, point) for point in request.points)
+        if request.is_bits:
+            return cls(plans, None, None)
+        swapped = any(plan.swapped for plan in plans)
+        pack_plain = struct.Struct(f">{request.count}H").pack
+        pack_swapped = struct.Struct(f"<{request.count}H").pack if swapped else None
+        return cls(plans, pack_plain, pack_swapped)
+
+    def decode(
+        self, request: ReadRequest, data: Sequence[int] | Sequence[bool]
+    ) -> list[PointValue]:
+        """Decode a response whose length `decode_request` has checked."""
+        plain = swapped = b""
+        if self.pack_plain is not None:
+            try:
+                plain = self.pack_plain(*data)
+                if self.pack_swapped is not None:
+                    swapped = self.pack_swapped(*data)
+            except struct.error:
+                # A register outside 0..65535, or not an int. `_decode_point` raises the
+                # error of the first point that reads such a register, and ignores one in
+                # a gap between points.
+                return [_decode_point(request, point, data) for point in request.points]
+
+        isfinite = math.isfinite
+        values: list[PointValue] = []
+        append = values.append
+        for point, kind, unpack_from, from_swapped, position, steps in self.plans:
+            raw: Any
+            if unpack_from is not None:
+                raw = unpack_from(swapped if from_swapped else plain, position)[0]
+            elif kind == _REFERENCE:
+                append(_decode_point(request, point, data))
+                continue
+            else:
+                raw = 1 if data[position] else 0
+
+            # float(raw) * 1.0 + 0.0, as engineering_value computes it, is raw + 0.0.
+            # The + 0.0 turns an int into a float, and -0.0 into 0.0.
+            if kind == _INTEGER:
+                append(_new_point_value(PointValue, (point, raw + 0.0, "good")))
+                continue
+            if kind == _FLOAT32:
+                value = shortest_float32(raw) + 0.0
+            elif kind == _FLOAT64:
+                value = raw + 0.0
+            else:
+                append(_finish_value(point, raw, steps))
+                continue
+            if isfinite(value):
+                append(_new_point_value(PointValue, (point, value, "good")))
+            else:
+                append(_new_point_value(PointValue, (point, None, "not_finite")))
+        return values
+
+
+def _finish_value(point: ModbusPoint, raw: Any, steps: _ValueSteps) -> PointValue:
+    """Turn the raw value of a point of kind _GENERAL into its PointValue, as _decode_point does."""
+    if steps.bit >= 0:
+        raw = (raw >> steps.bit) & 1
+    if steps.null_is_nan:
+        if isinstance(raw, float) and math.isnan(raw):
+            return PointValue(point, None, "null")
+    elif steps.null is not None and raw == steps.null:
+        return PointValue(point, None, "null")
+    if steps.shortest:
+        raw = shortest_float32(raw)
+    value = apply_scale(raw, point.scale, point.offset)
+    if steps.scaled:
+        value = round_scaled(value)
+    if not math.isfinite(value):
+        return PointValue(point, None, "not_finite")
+    return PointValue(point, value, "good")
+
+
+def _plan_point(request: ReadRequest, point: ModbusPoint) -> _PointPlan:
+    """Work out how one point of a read decodes."""
+    reference = _PointPlan(point, _REFERENCE, None, False, 0, _NO_STEPS)
+    start = point.address - request.address
+    data_type = DATA_TYPES.get(point.type)
+    steps = _plan_steps(point)
+    if data_type is None or steps is None:
+        return reference
+
+    if request.is_bits:
+        if not 0 <= start < request.count:
+            return reference
+        return _PointPlan(point, _GENERAL, None, False, start, steps)
+
+    if start < 0 or start + data_type.registers > request.count:
+        return reference
+    try:
+        unpacker, swapped = value_struct(point.type, point.word_order, point.byte_order)
+    except ValueError:
+        return reference
+    if data_type.is_bit:
+        if not isinstance(point.bit, int) or not 0 <= point.bit <= 15:
+            return reference
+        steps = steps._replace(bit=point.bit)
+    return _PointPlan(
+        point,
+        _choose_kind(data_type, point, steps),
+        unpacker.unpack_from,
+        swapped,
+        2 * start,
+        steps,
+    )
+
+
+def _choose_kind(data_type: DataType, point: ModbusPoint, steps: _ValueSteps) -> int:
+    """Return the kind of a point in a register table: one of the fast kinds, or _GENERAL."""
+    if data_type.is_bit or steps.scaled or steps.null_is_nan or steps.null is not None:
+        return _GENERAL
+    # With offset -0.0, a raw -0.0 stays -0.0, which the fast kinds do not do.
+    if math.copysign(1.0, point.offset) < 0:
+        return _GENERAL
+    if data_type.name == "float32":
+        return _FLOAT32
+    if data_type.is_float:
+        return _FLOAT64
+    return _INTEGER
+
+
+def _plan_steps(point: ModbusPoint) -> _ValueSteps | None:
+    """Plan the steps after the raw value, or return None when `_is_null` would raise."""
+    null_is_nan = False
+    null = point.null_value
+    if isinstance(null, float) and math.isnan(null):
+        null_is_nan, null = True, None
+    elif null is not None and point.type == "float32":
+        try:
+            null = struct.unpack(">f", struct.pack(">f", null))[0]
+        except (OverflowError, struct.error):
+            return None
+    scaled = point.scale != 1.0 or point.offset != 0.0
+    return _ValueSteps(-1, null_is_nan, null, point.type == "float32", scaled)
 
 
 def _decode_point(
     request: ReadRequest, point: ModbusPoint, data: Sequence[int] | Sequence[bool]
 ) -> PointValue:
+    """Decode one point with `decode_registers`: the reference that `_RequestDecoder` matches."""
     start = point.address - request.address
     raw: int | float
     if request.is_bits:

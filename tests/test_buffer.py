@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import itertools
 import json
 import os
@@ -21,10 +22,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from buffer.reading import Quality, Reading
+import buffer.store as store_module
+from buffer.reader import iter_readings
+from buffer.reading import Quality, Reading, StoredReading, format_ts
 from buffer.store import (
     DB_FILENAME,
+    LAST_VALUES_INTERVAL,
+    RECENT_READINGS,
     Buffer,
+    BufferStats,
     ForeignDatabaseError,
     read_stats,
 )
@@ -82,15 +88,17 @@ class CountingBuffer(Buffer):
         self.fail_first = fail_first
         self.thread_delay = 0.0
 
-    async def append(self, readings: Sequence[Reading]) -> tuple[int, int]:
+    async def append(
+        self, readings: Sequence[Reading], *, checked: bool = False
+    ) -> tuple[int, int]:
         self.appends.append((asyncio.get_running_loop().time(), len(readings)))
         if len(self.appends) <= self.fail_first:
             raise sqlite3.OperationalError("disk I/O error")
-        return await super().append(readings)
+        return await super().append(readings, checked=checked)
 
-    def _append_sync(self, readings: list[Reading]) -> tuple[int, int]:
+    def _append_sync(self, readings: list[Reading], *, checked: bool = False) -> tuple[int, int]:
         time.sleep(self.thread_delay)
-        return super()._append_sync(readings)
+        return super()._append_sync(readings, checked=checked)
 
 
 # Opening and the file
@@ -441,6 +449,149 @@ async def test_survives_sigkill(tmp_path: Path) -> None:
     assert [r.value for r in batch] == [float(seq - 1) for seq in range(1, last + 1)]
 
 
+LAST_VALUES_CHILD = """
+import asyncio, os, signal, sys
+from pathlib import Path
+from buffer.reading import Reading, Quality
+from buffer.store import Buffer
+
+async def main():
+    buffer = Buffer(Path(sys.argv[1]), [])
+    await buffer.open()
+    await buffer.append([Reading(500_000, "pumps", "hook", 7.0, "klbf")])
+    await buffer.append([Reading(1_000_000, "pumps", "spp", 1.0, "psi")])
+    await buffer.append([Reading(2_000_000, "pumps", "spp", 2.0, "psi")])
+    await buffer.append([Reading(3_000_000, "pumps", "spp", None, "psi", Quality.BAD)])
+    await buffer.append([Reading(4_000_000, "pumps", "spp", 4.0, "psi")])
+    os.kill(os.getpid(), signal.SIGKILL)
+
+asyncio.run(main())
+"""
+
+
+def channel_values(stats: BufferStats) -> dict[str, tuple[int, float | None, Quality]]:
+    return {c.channel: (c.ts_us, c.value, c.quality) for c in stats.channels}
+
+
+@pytest.fixture(params=["update-from", "select-then-update"])
+def last_values_sql(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run a test with UPDATE FROM (SQLite 3.33 and newer) and with the older two steps."""
+    monkeypatch.setattr(store_module, "_UPDATE_FROM", request.param == "update-from")
+
+
+@pytest.mark.usefixtures("last_values_sql")
+async def test_last_values_recovered_after_sigkill(tmp_path: Path) -> None:
+    """Last values not yet written when the agent was killed are read back from the readings."""
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", LAST_VALUES_CHILD, str(tmp_path)
+    )
+    async with asyncio.timeout(WAIT):
+        assert await child.wait() == -signal.SIGKILL
+    # Only the first reading of each channel was written before the kill.
+    before = channel_values(read_stats(tmp_path, []))
+    assert before == {"spp": (1_000_000, 1.0, Quality.GOOD), "hook": (500_000, 7.0, Quality.GOOD)}
+
+    async with Buffer(tmp_path, []) as reopened:
+        stats = await reopened.stats()
+    assert channel_values(stats) == {
+        "spp": (4_000_000, 4.0, Quality.GOOD),
+        "hook": (500_000, 7.0, Quality.GOOD),
+    }
+    assert channel_values(read_stats(tmp_path, [])) == channel_values(stats)
+
+
+@pytest.mark.usefixtures("last_values_sql")
+async def test_last_values_written_at_most_once_per_interval(buffer: Buffer) -> None:
+    """Other processes see last values up to LAST_VALUES_INTERVAL late; stats() sees them now."""
+    await buffer.append([Reading(1_000_000, "pumps", "spp", 1.0, "psi")])
+    await buffer.append([Reading(2_000_000, "pumps", "spp", 2.0, "psi")])
+    assert channel_values(read_stats(buffer.data_dir, []))["spp"][1] == 1.0
+
+    await asyncio.sleep(LAST_VALUES_INTERVAL)
+    await buffer.append([Reading(3_000_000, "pumps", "spp", 3.0, "psi")])
+    assert channel_values(read_stats(buffer.data_dir, []))["spp"][1] == 3.0
+
+    await buffer.append([Reading(4_000_000, "pumps", "spp", 4.0, "bar")])
+    assert channel_values(read_stats(buffer.data_dir, []))["spp"][1] == 3.0
+    stats = await buffer.stats()
+    assert [(c.value, c.unit) for c in stats.channels] == [(4.0, "bar")]
+    assert channel_values(read_stats(buffer.data_dir, []))["spp"][1] == 4.0
+
+
+# Reads served from memory
+
+
+async def on_disk(buffer: Buffer, after_seq: int, limit: int) -> list[StoredReading]:
+    """The readings above after_seq as the database file holds them."""
+    rows = [r for r in iter_readings(buffer.data_dir) if r.seq > after_seq]
+    return rows[:limit]
+
+
+async def test_recent_reads_match_the_database(buffer: Buffer) -> None:
+    """read_batch from memory returns what the file holds, for NaN, ints and text quality too."""
+    nan = float("nan")
+    batches = [
+        [
+            Reading(1_000_000, "pumps", "spp", 1.5, "psi"),
+            Reading(1_000_000, "pumps", "hook", 3, "klbf"),
+        ],
+        [Reading(2_000_000, "pumps", "spp", nan, "psi", Quality.UNCERTAIN)],
+        [Reading(3_000_000, "pumps", "spp", None, "psi", Quality.BAD)],
+        [Reading(4_000_000, "mud", "pit1", -0.0, "m3", "good")],  # type: ignore[arg-type]
+        make_readings(7, start=10),
+    ]
+    for batch in batches:
+        await buffer.append(batch)
+    await asyncio.sleep(0)  # lets the last commit reach the event loop
+    last = buffer.last_seq
+    assert last == 12
+    for after in range(last + 1):
+        for limit in (1, 2, 5, 100):
+            from_memory = buffer._read_recent(after, limit)
+            assert from_memory is not None, (after, limit)
+            expected = await on_disk(buffer, after, limit)
+            assert from_memory == expected
+            assert [type(r.quality) for r in from_memory] == [Quality] * len(expected)
+            assert await buffer.read_batch("mqtt", limit, after_seq=after) == expected
+
+
+async def test_large_batches_keep_their_order(buffer: Buffer) -> None:
+    """Batches inserted by many rows to a statement keep each reading at its own seq."""
+    sizes = [450, 200, 1, 399]
+    start = 0
+    for size in sizes:
+        await buffer.append(make_readings(size, start=start, channel=f"c{size}"))
+        start += size
+    stored = list(iter_readings(buffer.data_dir))
+    assert [r.seq for r in stored] == list(range(1, start + 1))
+    assert [r.value for r in stored] == [float(i) for i in range(start)]
+    assert [r.ts_us - 1_700_000_000_000_000 for r in stored] == list(range(start))
+    channels = [f"c{size}" for size in sizes for _ in range(size)]
+    assert [r.channel for r in stored] == channels
+
+
+async def test_recent_reads_skip_deleted_rows(tmp_path: Path) -> None:
+    """Rows deleted by acknowledgement or by the size cap are never served from memory."""
+    async with Buffer(tmp_path, ["mqtt"], cleanup_interval=3600) as buffer:
+        for start in range(0, 40, 10):
+            await buffer.append(make_readings(10, start=start))
+        await asyncio.sleep(0)
+        await buffer.commit_cursor("mqtt", 25)
+        assert await buffer.delete_acknowledged() == 25
+        assert buffer._read_recent(10, 100) is None
+        batch = await buffer.read_batch("mqtt", 100, after_seq=10)
+        assert [r.seq for r in batch] == list(range(26, 41))
+        assert [r.seq for r in buffer._read_recent(25, 100) or []] == list(range(26, 41))
+
+
+async def test_large_batch_read_from_the_database(buffer: Buffer) -> None:
+    """A batch larger than RECENT_READINGS is not kept in memory; reads go to SQLite."""
+    await buffer.append(make_readings(RECENT_READINGS + 1))
+    await asyncio.sleep(0)
+    assert buffer._read_recent(0, 10) is None
+    assert [r.seq for r in await buffer.read_batch("mqtt", 10, after_seq=0)] == list(range(1, 11))
+
+
 # The invariant under any sequence of operations
 
 OPERATIONS = st.lists(
@@ -603,3 +754,14 @@ async def test_writer_rejects_bad_reading(tmp_path: Path) -> None:
         with pytest.raises(TypeError, match="quality 'fine'"):
             await writer.put([*make_readings(3), bad])
         assert writer.pending == 0
+
+
+def test_format_ts_repeats_and_alternates() -> None:
+    """The one-entry cache of format_ts gives each time its own text, in any order."""
+    stamps = [1_700_000_000_123_456, 1_700_000_000_123_456, 1_700_000_001_000_000, -1, 0, -1]
+    expected = [
+        dt.datetime.fromtimestamp(ts / 1e6, tz=dt.UTC).isoformat(timespec="microseconds")
+        for ts in stamps
+    ]
+    expected = [text.replace("+00:00", "Z") for text in expected]
+    assert [format_ts(ts) for ts in stamps] == expected

@@ -10,6 +10,7 @@ import hashlib
 import hmac
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import time
@@ -28,7 +29,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cloud.app import create_app
 from cloud.auth import JtiCache, KeyRegistry, load_public_key
 from cloud.cli import main as cloud_main
+from cloud.ingest import IngestRejected, ReadingBatch, parse_batch
 from cloud.settings import CloudSettings, sqlite_path
+from cloud.store import ReadingStore
 from tests.peers import CloudService, free_port, wait_for_port
 from uplink.auth import jwk_thumbprint
 
@@ -763,6 +766,134 @@ async def test_unauthenticated_rejections_counted(in_process: AppFactory, device
 
 
 # --- units ------------------------------------------------------------------------
+
+
+def parse(body: dict[str, Any] | bytes, device_id: str = "edge-1") -> ReadingBatch:
+    """Run `parse_batch` on a plain JSON body, as the readings route does."""
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return parse_batch(raw, None, limit=1_000_000, device_id=device_id)
+
+
+def rejection(body: dict[str, Any] | bytes, device_id: str = "edge-1") -> IngestRejected:
+    with pytest.raises(IngestRejected) as caught:
+        parse(body, device_id)
+    return caught.value
+
+
+@pytest.mark.parametrize(
+    ("sent", "stored"),
+    [
+        ("2024-05-01T12:00:00.000001Z", "2024-05-01T12:00:00.000001Z"),
+        ("2024-02-29T23:59:59.999999Z", "2024-02-29T23:59:59.999999Z"),
+        ("2024-05-01T12:00:00Z", "2024-05-01T12:00:00.000000Z"),
+        ("2024-05-01T12:00:00.5Z", "2024-05-01T12:00:00.500000Z"),
+        ("2024-05-01T12:00:00.000001+00:00", "2024-05-01T12:00:00.000001Z"),
+        ("2024-05-01t12:00:00.000001z", "2024-05-01T12:00:00.000001Z"),
+    ],
+)
+def test_timestamp_forms_accepted(sent: str, stored: str) -> None:
+    """The agent's form is stored as sent, and other UTC forms are converted to it."""
+    body = batch("edge-1", [1, 2])
+    body["readings"][1]["ts"] = sent
+    assert parse(body).readings[1]["ts"] == stored
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [
+        "2024-02-30T12:00:00.000000Z",
+        "2023-02-29T12:00:00.000000Z",
+        "2024-05-01T24:00:00.000000Z",
+        "2024-05-01T12:60:00.000000Z",
+        "2024-05-01T12:00:00.000001+01:00",
+        "2024-05-01T12:00:00.000001-05:00",
+        "2024-05-01T12:00:00.000001",
+        "2024-05-01T12:00:00.0000001Z",
+        "2024-05-01T12:00:00.00000\u0663Z",
+        "2024-05-01T12:00:00.000001Z ",
+    ],
+)
+def test_timestamp_forms_rejected(sent: str) -> None:
+    """Impossible dates, offsets other than UTC and malformed text get 422 naming the seq.
+
+    The agent's exact form is checked on a fast path, which must not let these through.
+    """
+    body = batch("edge-1", [7, 8, 9])
+    body["readings"][1]["ts"] = sent
+    error = rejection(body)
+    assert (error.status, error.reason) == (422, "invalid_reading")
+    assert (error.detail["index"], error.detail["seq"]) == (1, 8)
+    assert error.detail["errors"][0]["loc"] == ["readings", 1, "ts"]
+
+
+def test_timestamp_time_of_day_checked() -> None:
+    """A valid reading does not vouch for a later one of the same day at an impossible time."""
+    body = batch("edge-1", [1, 2])
+    body["readings"][0]["ts"] = "2024-06-01T12:00:00.000001Z"
+    body["readings"][1]["ts"] = "2024-06-01T12:00:61.000001Z"
+    assert rejection(body).detail["seq"] == 2
+
+
+def test_large_batch_parsed_in_order() -> None:
+    """A batch of the agent's size comes back whole, in order, with its values unchanged."""
+    body = batch("edge-1", range(1, 5001))
+    body["readings"][2500] = reading(2501, value=None, quality="bad")
+    parsed = parse(body)
+    assert [r["seq"] for r in parsed.readings] == list(range(1, 5001))
+    assert parsed.readings[0] == reading(1)
+    assert parsed.readings[2500]["value"] is None
+
+
+@pytest.mark.parametrize(
+    "encode",
+    [
+        lambda text: text.encode("utf-16"),
+        lambda text: b"\xef\xbb\xbf" + text.encode(),
+    ],
+    ids=["utf-16", "utf-8-bom"],
+)
+def test_utf16_and_bom_bodies_parsed(encode: Callable[[str], bytes]) -> None:
+    """Bodies that json.loads reads but pydantic's JSON parser rejects are accepted."""
+    parsed = parse(encode(json.dumps(batch("edge-1", [1, 2]))))
+    assert [r["seq"] for r in parsed.readings] == [1, 2]
+
+
+def test_seq_beyond_64_bits_named() -> None:
+    """A seq too large for SQLite gets 422 naming that seq exactly."""
+    text = json.dumps(batch("edge-1", [1, 2])).replace('"seq": 2,', '"seq": 36893488147419103232,')
+    error = rejection(text.encode())
+    assert (error.status, error.detail["index"], error.detail["seq"]) == (422, 1, 2**65)
+
+
+def test_other_device_rejected_before_validation() -> None:
+    """Another device's batch gets 403, whether or not the batch is valid."""
+    invalid = batch("edge-2", [1, 2])
+    invalid["readings"][1]["quality"] = "excellent"
+    assert rejection(batch("edge-2", [1, 2])).status == 403
+    assert rejection(invalid).status == 403
+
+
+async def test_store_on_rowid_readings_table(tmp_path: Path) -> None:
+    """A database made with a rowid table and a UNIQUE index still removes duplicate seqs."""
+    path = tmp_path / "old.db"
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute(
+            "CREATE TABLE readings (device_id TEXT NOT NULL, seq INTEGER NOT NULL, "
+            "rig_id TEXT NOT NULL, ts TEXT NOT NULL, channel TEXT NOT NULL, value REAL, "
+            "unit TEXT NOT NULL, quality TEXT NOT NULL, UNIQUE (device_id, seq))"
+        )
+    store = ReadingStore(str(path))
+    await store.open()
+    try:
+        readings = parse(batch("edge-1", range(1, 6))).readings
+        first = await store.add_batch("edge-1", "rig-07", readings, "edge-1:1-5")
+        again = await store.add_batch("edge-1", "rig-07", readings[2:], "edge-1:3-5")
+        rows = await store.readings("edge-1", 0, 10)
+    finally:
+        await store.close()
+    assert (first.accepted, first.duplicates) == (5, 0)
+    assert (again.accepted, again.duplicates) == (0, 3)
+    assert [r["seq"] for r in rows] == [1, 2, 3, 4, 5]
 
 
 def test_jti_cache_forgets_expired() -> None:

@@ -6,6 +6,9 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
+import gc
+import gzip
+import json
 import logging
 import os
 import signal
@@ -15,7 +18,7 @@ import sys
 import time
 import uuid
 from asyncio.subprocess import Process
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from email.utils import format_datetime
 from pathlib import Path
 from typing import Any
@@ -28,7 +31,7 @@ from structlog.testing import capture_logs
 from structlog.typing import EventDict
 
 from agent.status import format_stats
-from buffer.reading import Quality, Reading
+from buffer.reading import Quality, Reading, StoredReading
 from buffer.store import Buffer, read_stats
 from config.model import CloudSection
 from tests.peers import CloudService
@@ -448,6 +451,377 @@ async def test_oversized_batch_split(
     assert sink.requests > 2
 
 
+# --- lookahead: the next batch is prepared during the upload -----------------------
+
+RESPONSE_DELAY_MAX_S = 1.0
+"""Longest time in seconds that the recording service delays a response to wait for a read."""
+
+
+class ObservedBuffer(Buffer):
+    """A Buffer that records the first seq of every read, and can delay or fail some reads."""
+
+    def __init__(self, data_dir: Path, sinks: list[str]) -> None:
+        super().__init__(data_dir, sinks)
+        self.reads: list[int] = []
+        """First seq of each read_batch and read_range call, in call order."""
+        self.cancelled_reads: list[int] = []
+        self.on_read: Callable[[int], Awaitable[None]] | None = None
+        """Hook awaited at the start of every read with its first seq, which may wait or raise."""
+
+    async def read_batch(
+        self, sink: str, limit: int, after_seq: int | None = None
+    ) -> list[StoredReading]:
+        start = await self.cursor(sink) if after_seq is None else after_seq
+        await self._observe(start + 1)
+        return await super().read_batch(sink, limit, after_seq)
+
+    async def read_range(self, first_seq: int, last_seq: int, limit: int) -> list[StoredReading]:
+        await self._observe(first_seq)
+        return await super().read_range(first_seq, last_seq, limit)
+
+    async def wait_for_read(self, first_seq: int, limit_s: float) -> bool:
+        """Wait until a read from `first_seq` has started; return False after `limit_s`."""
+        deadline = time.monotonic() + limit_s
+        while first_seq not in self.reads:
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.005)
+        return True
+
+    async def _observe(self, first_seq: int) -> None:
+        self.reads.append(first_seq)
+        if self.on_read is None:
+            return
+        try:
+            await self.on_read(first_seq)
+        except asyncio.CancelledError:
+            self.cancelled_reads.append(first_seq)
+            raise
+
+
+@dataclasses.dataclass
+class Post:
+    """One POST that the recording service received, and how it responded."""
+
+    seqs: list[int]
+    """Seqs of the readings in the decompressed body, in body order."""
+    key_seqs: tuple[int, int]
+    """First and last seq that the Idempotency-Key names."""
+    backlog: bool
+    status: int = 0
+    read_ahead: bool | None = None
+    """For a delayed POST: whether the read of the following seq had started by the response."""
+
+
+class RecordingService:
+    """A loopback HTTP/1.1 server that records each readings POST and responds to it.
+
+    `status_for(post)` picks the status (200 unless set), and `before_response(post)`
+    is awaited before the response, so a test can delay it. The service checks no token.
+    """
+
+    def __init__(self) -> None:
+        self.posts: list[Post] = []
+        self.status_for: Callable[[Post], int] = lambda post: 200
+        self.before_response: Callable[[Post], Awaitable[None]] | None = None
+        self._server: asyncio.Server | None = None
+        self._handlers: set[asyncio.Task[None]] = set()
+
+    @property
+    def base_url(self) -> str:
+        assert self._server is not None
+        port = self._server.sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}"
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+
+    async def close(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in self._handlers:
+            task.cancel()
+        await asyncio.gather(*self._handlers, return_exceptions=True)
+        await self._server.wait_closed()
+
+    def sent_seqs(self, *, backlog: bool) -> list[int]:
+        """Seqs of the 2xx POSTs of one lane kind, in the order the service received them."""
+        posts = [p for p in self.posts if p.backlog == backlog and 200 <= p.status < 300]
+        return [seq for post in posts for seq in post.seqs]
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        try:
+            while True:
+                post = await self._read_post(reader)
+                if post is None:
+                    return
+                self.posts.append(post)
+                if self.before_response is not None:
+                    await self.before_response(post)
+                post.status = self.status_for(post)
+                body = json.dumps({"accepted": len(post.seqs), "duplicates": 0}).encode()
+                if post.status >= 300:
+                    body = json.dumps({"detail": "rejected by the test"}).encode()
+                head = f"HTTP/1.1 {post.status} X\r\nContent-Type: application/json\r\n"
+                head += f"Content-Length: {len(body)}\r\n\r\n"
+                writer.write(head.encode() + body)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return
+        except asyncio.CancelledError:
+            # close() cancels handlers that still delay a response. Python 3.11 logs an
+            # error for a handler task that ends cancelled (3.12 does not), so end normally.
+            return
+        finally:
+            self._handlers.discard(task)
+            writer.close()
+
+    @staticmethod
+    async def _read_post(reader: asyncio.StreamReader) -> Post | None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+        except asyncio.IncompleteReadError:
+            return None
+        lines = head.decode("latin-1").split("\r\n")
+        headers = dict(line.split(": ", 1) for line in lines[1:] if line)
+        headers = {name.lower(): value for name, value in headers.items()}
+        body = await reader.readexactly(int(headers["content-length"]))
+        document = json.loads(gzip.decompress(body))
+        first, last = headers["idempotency-key"].rsplit(":", 1)[1].split("-")
+        return Post(
+            seqs=[r["seq"] for r in document["readings"]],
+            key_seqs=(int(first), int(last)),
+            backlog=headers.get("x-rig-backlog") == "1",
+        )
+
+
+@contextlib.asynccontextmanager
+async def started_recorder() -> AsyncIterator[RecordingService]:
+    service = RecordingService()
+    await service.start()
+    try:
+        yield service
+    finally:
+        await service.close()
+
+
+@pytest.fixture
+async def recorder() -> AsyncIterator[RecordingService]:
+    async with started_recorder() as service:
+        yield service
+
+
+@pytest.fixture
+async def observed(tmp_path: Path) -> AsyncIterator[ObservedBuffer]:
+    async with ObservedBuffer(tmp_path / "data", ["cloud"]) as opened:
+        yield opened
+
+
+def delay_until_next_read(
+    buffer: ObservedBuffer, last_seqs: set[int]
+) -> Callable[[Post], Awaitable[None]]:
+    """Delay the response to each POST that ends at one of `last_seqs` until the next read."""
+
+    async def delay(post: Post) -> None:
+        if post.seqs[-1] in last_seqs:
+            post.read_ahead = await buffer.wait_for_read(post.seqs[-1] + 1, RESPONSE_DELAY_MAX_S)
+
+    return delay
+
+
+def recorder_sink(
+    recorder: RecordingService,
+    device_id: str,
+    buffer: Buffer,
+    key: ec.EllipticCurvePrivateKey,
+    **overrides: Any,
+) -> CloudSink:
+    cfg = cloud_section(recorder.base_url, device_id, batch_max_readings=100, **overrides)
+    return CloudSink(cfg, rig_id=RIG, buffer=buffer, key=key, max_delay=MAX_DELAY)
+
+
+async def wait_for_sent(recorder: RecordingService, last_seq: int, *, backlog: bool) -> None:
+    async def sent() -> bool:
+        return last_seq in recorder.sent_seqs(backlog=backlog)
+
+    await wait_until(sent, limit_s=10)
+
+
+@pytest.mark.parametrize("lane", ["plain", "backlog"])
+async def test_next_batch_read_during_upload(
+    lane: str,
+    recorder: RecordingService,
+    observed: ObservedBuffer,
+    device_id: str,
+    device_key: ec.EllipticCurvePrivateKey,
+) -> None:
+    """The plain and backlog lanes read the next batch while the service delays a response."""
+    await observed.append(make_readings(300))
+    threshold = 10_000 if lane == "plain" else 0
+    sink = recorder_sink(recorder, device_id, observed, device_key, backlog_threshold=threshold)
+    recorder.before_response = delay_until_next_read(observed, {100, 200})
+    async with running(sink):
+        await wait_for_cursor(observed, 300, limit_s=10)
+
+    delayed = [post for post in recorder.posts if post.read_ahead is not None]
+    assert [post.seqs[-1] for post in delayed] == [100, 200]
+    assert [post.read_ahead for post in delayed] == [True, True]
+    assert recorder.sent_seqs(backlog=lane == "backlog") == list(range(1, 301))
+
+
+async def test_live_lane_reads_ahead(
+    recorder: RecordingService,
+    observed: ObservedBuffer,
+    device_id: str,
+    device_key: ec.EllipticCurvePrivateKey,
+) -> None:
+    """The live lane reads its next batch while the service delays a response."""
+    await observed.append(make_readings(10))
+    # One backlog reading a second keeps the backlog lane, and so the live lane, running.
+    sink = recorder_sink(
+        recorder, device_id, observed, device_key, backlog_threshold=0, backlog_rate="1/s"
+    )
+    recorder.before_response = delay_until_next_read(observed, {110, 210})
+    async with running(sink):
+
+        async def split() -> bool:
+            return any(post.backlog for post in recorder.posts)
+
+        await wait_until(split, limit_s=10)
+        await observed.append(make_readings(300, T0 + 10**9))
+        await wait_for_sent(recorder, 310, backlog=False)
+        backlog_sent = recorder.sent_seqs(backlog=True)
+
+    delayed = [post for post in recorder.posts if post.read_ahead is not None]
+    assert [post.seqs[-1] for post in delayed] == [110, 210]
+    assert [post.read_ahead for post in delayed] == [True, True]
+    assert recorder.sent_seqs(backlog=False) == list(range(11, 311))
+    assert len(backlog_sent) < 10, "the backlog lane ended before the live lane was done"
+
+
+@pytest.mark.parametrize("lane", ["plain", "backlog"])
+async def test_split_then_next_batch_in_order(
+    lane: str,
+    recorder: RecordingService,
+    observed: ObservedBuffer,
+    device_id: str,
+    device_key: ec.EllipticCurvePrivateKey,
+) -> None:
+    """A 413 splits the first batch, and the batch read ahead follows its halves, each seq once."""
+    await observed.append(make_readings(300))
+    threshold = 10_000 if lane == "plain" else 0
+    sink = recorder_sink(recorder, device_id, observed, device_key, backlog_threshold=threshold)
+    recorder.before_response = delay_until_next_read(observed, {100})
+    recorder.status_for = lambda post: 413 if len(post.seqs) == 100 and post.seqs[0] == 1 else 200
+    async with running(sink):
+        await wait_for_cursor(observed, 300, limit_s=10)
+
+    ranges = [(post.seqs[0], post.seqs[-1], post.status) for post in recorder.posts]
+    assert ranges == [(1, 100, 413), (1, 50, 200), (51, 100, 200), (101, 200, 200), (201, 300, 200)]
+    assert recorder.posts[0].read_ahead is True
+    for post in recorder.posts:
+        assert post.seqs == list(range(post.key_seqs[0], post.key_seqs[1] + 1))
+    assert recorder.sent_seqs(backlog=lane == "backlog") == list(range(1, 301))
+
+
+def asyncio_errors(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """Messages that asyncio logged at ERROR, such as a task exception never retrieved."""
+    gc.collect()
+    return [r.getMessage() for r in caplog.records if r.name == "asyncio" and r.levelno >= 40]
+
+
+async def cancel_during_upload(
+    read: str, data_dir: Path, device_id: str, key: ec.EllipticCurvePrivateKey
+) -> tuple[list[int], int]:
+    """Cancel a sink while the service delays its first response and its read ahead waits or fails.
+
+    Returns the first seqs of the reads that were cancelled, and the cursor at the end.
+    """
+    never = asyncio.Event()
+
+    async def on_read(first_seq: int) -> None:
+        if first_seq != 101:
+            return
+        if read == "fails":
+            message = "read failed on purpose"
+            raise OSError(message)
+        await never.wait()
+
+    async with (
+        started_recorder() as recorder,
+        ObservedBuffer(data_dir, ["cloud"]) as observed,
+    ):
+        await observed.append(make_readings(300))
+        observed.on_read = on_read
+        recorder.before_response = lambda post: never.wait()
+        sink = recorder_sink(recorder, device_id, observed, key)
+        async with running(sink) as task:
+            assert await observed.wait_for_read(101, 10)
+            await asyncio.sleep(0.05)
+        assert task.cancelled()
+        return list(observed.cancelled_reads), await observed.cursor("cloud")
+
+
+@pytest.mark.parametrize("read", ["waits", "fails"])
+def test_cancel_ends_lookahead(
+    read: str,
+    tmp_path: Path,
+    device_id: str,
+    device_key: ec.EllipticCurvePrivateKey,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Cancelling the sink mid-upload cancels a pending read ahead and retrieves a failed one."""
+    caplog.set_level(logging.ERROR, logger="asyncio")
+    # The sink runs in an event loop of its own. Once that loop is closed, its tasks can
+    # be freed, and asyncio logs any task exception that was never retrieved.
+    scenario = cancel_during_upload(read, tmp_path / "data", device_id, device_key)
+    cancelled_reads, cursor = asyncio.run(scenario)
+
+    assert cancelled_reads == ([101] if read == "waits" else [])
+    assert cursor == 0
+    assert asyncio_errors(caplog) == []
+
+
+async def test_replan_ends_lookahead(
+    recorder: RecordingService,
+    observed: ObservedBuffer,
+    device_id: str,
+    device_key: ec.EllipticCurvePrivateKey,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A failed upload that splits the sink into lanes cancels the read ahead of the plain lane."""
+    caplog.set_level(logging.ERROR, logger="asyncio")
+    await observed.append(make_readings(300))
+    never = asyncio.Event()
+
+    async def on_read(first_seq: int) -> None:
+        if first_seq == 101 and 101 not in observed.cancelled_reads:
+            await never.wait()
+
+    observed.on_read = on_read
+
+    async def delay_first(post: Post) -> None:
+        if len(recorder.posts) == 1:
+            await observed.wait_for_read(101, RESPONSE_DELAY_MAX_S)
+            # One more reading puts the backlog over the threshold, so the 503 below
+            # makes the plain lane return and the sink split into lanes.
+            await observed.append(make_readings(1, T0 + 10**9))
+
+    recorder.before_response = delay_first
+    recorder.status_for = lambda post: 503 if len(recorder.posts) == 1 else 200
+    sink = recorder_sink(recorder, device_id, observed, device_key, backlog_threshold=300)
+    async with running(sink):
+        await wait_for_cursor(observed, 301, limit_s=10)
+
+    assert observed.cancelled_reads == [101]
+    assert [post.backlog for post in recorder.posts] == [False, True, True, True, True]
+    assert recorder.sent_seqs(backlog=True) == list(range(1, 302))
+    assert asyncio_errors(caplog) == []
+
+
 # --- start-up and secrets -----------------------------------------------------------
 
 
@@ -546,7 +920,7 @@ async def test_quarantine_beyond_last_seq_rejected(buffer: Buffer) -> None:
     await buffer.append(make_readings(1))
     ghost = (await buffer.read_batch("cloud", 1))[0]
     with pytest.raises(ValueError, match="last_seq 1"):
-        await buffer.quarantine("cloud", [dataclasses.replace(ghost, seq=9)], 422, "bad")
+        await buffer.quarantine("cloud", [ghost._replace(seq=9)], 422, "bad")
 
 
 async def test_older_buffer_gains_quarantine(tmp_path: Path) -> None:

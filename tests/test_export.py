@@ -13,7 +13,6 @@ import subprocess
 import sys
 import tracemalloc
 from collections.abc import Generator
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -96,7 +95,7 @@ def parse_jsonl(text: str) -> list[StoredReading]:
 def as_jsonl(stored: list[StoredReading]) -> list[StoredReading]:
     """Return the readings as JSON lines carry them: JSON has no infinity, so null instead."""
     return [
-        replace(r, value=None) if r.value is not None and math.isinf(r.value) else r for r in stored
+        r._replace(value=None) if r.value is not None and math.isinf(r.value) else r for r in stored
     ]
 
 

@@ -20,7 +20,7 @@ from structlog.testing import capture_logs
 
 from buffer.reading import Quality, Reading
 from config.model import ModbusPoint, ModbusSource
-from drivers.modbus import ModbusDriver
+from drivers.modbus import ModbusDriver, poll_phases
 from drivers.modbus_bus import BusRegistry, ModbusBus
 from drivers.modbus_decode import encode_value, engineering_value
 from drivers.modbus_plan import plan_requests
@@ -276,6 +276,38 @@ async def test_exception_response_recovers(device: Device) -> None:
     assert recovered[0]["outage_s"] >= 0.3
 
 
+async def test_undecodable_response_marks_request_bad(
+    device: Device, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A response with a register value over 65535 makes its request's points bad, not the poll."""
+    points = [
+        {"channel": "spm", "address": 3, "type": "uint16"},
+        {"channel": "hook", "address": 150, "type": "uint16"},
+    ]
+    await device.write("holding", 3, [120])
+    await device.write("holding", 150, [7])
+    real_read = ModbusBus.read
+
+    async def read(self: ModbusBus, unit_id: int, table: str, address: int, *args: Any) -> Any:
+        data = await real_read(self, unit_id, table, address, *args)
+        return [70000] if address == 3 else data
+
+    monkeypatch.setattr(ModbusBus, "read", read)
+    driver = ModbusDriver(make_source(device.port, points))
+    emit = Collector()
+    with capture_logs() as logs:
+        async with running(driver, emit):
+            await emit.wait_polls(3)
+
+    first, *later = [{r.channel: (r.value, r.quality) for r in batch} for _, batch in emit.polls]
+    assert first == {"spm": (None, Quality.BAD), "hook": (7.0, Quality.GOOD)}
+    assert all(poll == {"hook": (7.0, Quality.GOOD)} for poll in later)
+    assert driver.counters.invalid_responses >= 3
+    failed = [e for e in logs if e["event"] == "modbus_read_failed"]
+    assert [e["log_level"] for e in failed if e["log_level"] == "warning"] == ["warning"]
+    assert "70000" in failed[0]["error"]
+
+
 async def test_server_restart_resumes(device: Device) -> None:
     """A stopped server gives one bad reading per point; a restart brings good readings back."""
     points = mixed_points()[:6]
@@ -399,6 +431,43 @@ async def test_schedule_does_not_drift(device: Device) -> None:
 
     elapsed = emit.polls[20][0] - emit.polls[0][0]
     assert 1.95 <= elapsed <= 2.1
+
+
+async def test_phase_offsets_the_poll_grid(device: Device) -> None:
+    """After the first poll, a source with phase 0.25 polls a quarter interval off the grid."""
+    points = [{"channel": "spm", "address": 3, "type": "uint16"}]
+    source = make_source(device.port, points, poll_interval="200ms")
+    driver = ModbusDriver(source, phase=0.25)
+    emit = Collector()
+
+    async with running(driver, emit):
+        await emit.wait_polls(6)
+
+    # Each poll is emitted a little after its tick, never before it.
+    offsets = [(at - 0.05) % 0.2 for at, _ in emit.polls[1:6]]
+    assert all(offset < 0.04 for offset in offsets), offsets
+
+
+def test_poll_phases_spread_each_interval() -> None:
+    """Sources sharing an interval get evenly spaced phases in name order; others get 0."""
+    sources = [
+        make_source(
+            1,
+            [{"channel": "spm", "address": 3, "type": "uint16"}],
+            name=name,
+            poll_interval=interval,
+        )
+        for name, interval in [("c", "1s"), ("a", "1s"), ("b", "1s"), ("d", "1s"), ("e", "5s")]
+    ]
+    assert poll_phases(sources) == {"a": 0.0, "b": 0.25, "c": 0.5, "d": 0.75, "e": 0.0}
+
+
+@pytest.mark.parametrize("phase", [-0.1, 1.0, 1.5])
+def test_phase_out_of_range_rejected(phase: float) -> None:
+    """A phase outside 0 up to 1 raises ValueError naming the value."""
+    source = make_source(1, [{"channel": "spm", "address": 3, "type": "uint16"}])
+    with pytest.raises(ValueError, match=f"phase is {phase}"):
+        ModbusDriver(source, phase=phase)
 
 
 async def test_overrun_skips_ticks(device: Device) -> None:

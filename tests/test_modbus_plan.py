@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import pickle
 import struct
 from collections.abc import Sequence
 from functools import cache
@@ -14,15 +15,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from config.model import ModbusPoint, ModbusSource
-from drivers.modbus_decode import encode_value
+from drivers.modbus_decode import (
+    decode_registers,
+    encode_value,
+    engineering_value,
+    shortest_float32,
+)
 from drivers.modbus_plan import (
+    PointValue,
     ReadRequest,
     decode_request,
     describe_plan,
     plan_for_source,
     plan_requests,
 )
-from drivers.modbus_types import TABLES
+from drivers.modbus_types import DATA_TYPES, TABLES
 
 Spec = tuple[str, int, str] | tuple[str, int, str, int]
 """(table, address, type) or (table, address, "bool", bit)."""
@@ -468,3 +475,245 @@ def test_float32_null_matches_nearest() -> None:
     (request,) = plan_for_source(source)
     (value,) = decode_request(request, encode_value(nearest, "float32", "big", "big"))
     assert value.status == "null"
+
+
+# --- Decoding against the reference, decode_registers -----------------------------
+
+ALL_REGISTER_TYPES = sorted(DATA_TYPES)
+SCALES = [1.0, 0.1, -2.5]
+OFFSETS = [0.0, -0.0, 5.0]
+NULL_CHOICES = ["none", "raw", "nan", "other"]
+SPECIAL_WORDS = [0x0000, 0x8000, 0x7F80, 0xFF80, 0x7FC0, 0x7FF0, 0xFFF0, 0xFFFF]
+"""Words that make zeros, infinities and NaN of float32 and float64 likely."""
+
+
+def reference_values(
+    request: ReadRequest, data: Sequence[int] | Sequence[bool]
+) -> list[tuple[str, float | None]]:
+    """Decode a response point by point with decode_registers, as decode_request must."""
+    results: list[tuple[str, float | None]] = []
+    for point in request.points:
+        start = point.address - request.address
+        raw: float
+        if request.is_bits:
+            raw = 1 if data[start] else 0
+        else:
+            words = [int(word) for word in data[start : start + point.registers]]
+            raw = decode_registers(
+                words, point.type, point.word_order, point.byte_order, bit=point.bit
+            )
+        null = point.null_value
+        if isinstance(null, float) and math.isnan(null):
+            is_null = isinstance(raw, float) and math.isnan(raw)
+        elif null is not None and point.type == "float32":
+            is_null = raw == struct.unpack(">f", struct.pack(">f", null))[0]
+        else:
+            is_null = null is not None and raw == null
+        if is_null:
+            results.append(("null", None))
+            continue
+        value = engineering_value(raw, point.type, point.scale, point.offset)
+        if math.isfinite(value):
+            results.append(("good", value))
+        else:
+            results.append(("not_finite", None))
+    return results
+
+
+def same_results(
+    decoded: Sequence[PointValue], expected: Sequence[tuple[str, float | None]]
+) -> bool:
+    """Return whether statuses and values match exactly, telling -0.0 from 0.0."""
+    actual = [(value.status, repr(value.value), type(value.value)) for value in decoded]
+    return actual == [(status, repr(value), type(value)) for status, value in expected]
+
+
+@st.composite
+def decode_cases(draw: st.DrawFn) -> tuple[list[ModbusPoint], list[list[int] | list[bool]], int]:
+    """Random points of every type, order, scale, offset and null_value, and their responses.
+
+    Returns the points, one response per request of `plan_requests(points,
+    max_gap=gap)`, and the gap. A null_value is drawn as the point's own raw
+    value in the response (so that it matches), as NaN, or as another value.
+    """
+    entries: list[dict[str, Any]] = []
+    for index in range(draw(st.integers(1, 8))):
+        table = draw(st.sampled_from(["holding", "holding", "input", "coil"]))
+        entry: dict[str, Any] = {"channel": f"c{index}", "table": table}
+        entry["address"] = draw(st.integers(0, 24))
+        # Half the points have no scale, offset or null_value, which decode_request
+        # decodes on a shorter path.
+        entry["plain"] = draw(st.booleans())
+        if not entry["plain"]:
+            entry["scale"] = draw(st.sampled_from(SCALES))
+            entry["offset"] = draw(st.sampled_from(OFFSETS))
+        if table != "coil":
+            entry["type"] = draw(st.sampled_from(ALL_REGISTER_TYPES))
+            if entry["type"] == "bool":
+                entry["bit"] = draw(st.integers(0, 15))
+            else:
+                entry["word_order"] = draw(st.sampled_from(["big", "little"]))
+                entry["byte_order"] = draw(st.sampled_from(["big", "little"]))
+        entries.append(entry)
+    gap = draw(st.integers(0, 4))
+    plain = [entry.pop("plain") for entry in entries]
+    points = [ModbusPoint.model_validate(entry) for entry in entries]
+    requests = plan_requests(points, max_gap=gap)
+
+    responses: list[list[int] | list[bool]] = []
+    for request in requests:
+        if request.is_bits:
+            padded = -(-request.count // 8) * 8
+            responses.append(draw(st.lists(st.booleans(), min_size=padded, max_size=padded)))
+        else:
+            words = st.one_of(st.integers(0, 0xFFFF), st.sampled_from(SPECIAL_WORDS))
+            count = request.count
+            responses.append(draw(st.lists(words, min_size=count, max_size=count)))
+
+    # Draw null values now that the registers are known.
+    raw_values = {
+        point.channel: raw
+        for request, response in zip(requests, responses, strict=True)
+        for point, raw in zip(request.points, raw_values_of(request, response), strict=True)
+    }
+    for entry, point, is_plain in zip(entries, points, plain, strict=True):
+        if point.type == "bool" or is_plain:
+            continue
+        raw = raw_values[point.channel]
+        choice = draw(st.sampled_from(NULL_CHOICES))
+        if choice == "raw" and not (isinstance(raw, float) and math.isnan(raw)):
+            # For float32, the shortest decimal also stands for the raw value.
+            entry["null_value"] = shortest_float32(raw) if point.type == "float32" else raw
+        elif choice == "nan" and point.data_type.is_float:
+            entry["null_value"] = math.nan
+        elif choice == "other":
+            entry["null_value"] = 7 if not point.data_type.is_float else 7.5
+    points = [ModbusPoint.model_validate(entry) for entry in entries]
+    return points, responses, gap
+
+
+def raw_values_of(request: ReadRequest, data: Sequence[int] | Sequence[bool]) -> list[float]:
+    """Return the raw value of each point of a request, with decode_registers."""
+    raws: list[float] = []
+    for point in request.points:
+        start = point.address - request.address
+        if request.is_bits:
+            raws.append(1 if data[start] else 0)
+            continue
+        words = [int(word) for word in data[start : start + point.registers]]
+        raws.append(
+            decode_registers(words, point.type, point.word_order, point.byte_order, bit=point.bit)
+        )
+    return raws
+
+
+@settings(max_examples=400, deadline=None)
+@given(decode_cases())
+def test_decode_matches_reference(
+    case: tuple[list[ModbusPoint], list[list[int] | list[bool]], int],
+) -> None:
+    """decode_request gives the statuses and values that decode_registers gives, for any
+    type, order, scale, offset, null_value and registers."""
+    points, responses, gap = case
+    requests = plan_requests(points, max_gap=gap)
+
+    assert len(requests) == len(responses)
+    for request, response in zip(requests, responses, strict=True):
+        decoded = decode_request(request, response)
+        assert [value.point for value in decoded] == list(request.points)
+        assert same_results(decoded, reference_values(request, response))
+
+
+@pytest.mark.parametrize(
+    ("point", "words", "expected"),
+    [
+        ({"type": "float32"}, [0x8000, 0x0000], "0.0"),
+        ({"type": "float32", "offset": -0.0}, [0x8000, 0x0000], "-0.0"),
+        ({"type": "float32", "order": "CDAB"}, [0x0000, 0x8000], "0.0"),
+        ({"type": "float64", "order": "BADC"}, [0x0080, 0, 0, 0], "0.0"),
+        ({"type": "float32", "order": "DCBA"}, [0xCDCC, 0x8C3F], "1.1"),
+        ({"type": "int64", "order": "DCBA"}, [0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF], "-1.0"),
+        ({"type": "uint32", "order": "BADC"}, [0x3412, 0x7856], "305419896.0"),
+        ({"type": "uint16", "byte_order": "little"}, [0x3412], "4660.0"),
+    ],
+)
+def test_decode_orders_and_zero(point: dict[str, Any], words: list[int], expected: str) -> None:
+    """Each order decodes its bytes, and -0.0 becomes 0.0 unless the offset is -0.0."""
+    source = make_source([{"channel": "p", "address": 0, **point}])
+    (request,) = plan_for_source(source)
+    (value,) = decode_request(request, words)
+    assert value.status == "good"
+    assert repr(value.value) == expected
+
+
+@pytest.mark.parametrize("bad", [70000, -1, 2**70])
+def test_decode_register_out_of_range(bad: int) -> None:
+    """A point's register outside 0..65535 raises the error decode_registers raises."""
+    source = make_source(
+        [
+            {"channel": "a", "address": 0, "type": "uint16"},
+            {"channel": "b", "address": 1, "type": "float32", "order": "BADC"},
+        ]
+    )
+    (request,) = plan_for_source(source)
+    with pytest.raises(ValueError, match=rf"register value {bad} is outside 0\.\.65535"):
+        decode_request(request, [1, 0, bad])
+
+
+def test_decode_ignores_bad_register_in_gap() -> None:
+    """A register outside 0..65535 that no point reads leaves the points decoded."""
+    source = make_source(
+        [
+            {"channel": "a", "address": 0, "type": "uint16"},
+            {"channel": "b", "address": 2, "type": "int16", "byte_order": "little"},
+        ],
+        max_gap=1,
+    )
+    (request,) = plan_for_source(source)
+    values = decode_request(request, [5, 70000, 0xFFFF])
+    assert [value.value for value in values] == [5.0, -1.0]
+
+
+def test_decode_integral_floats_as_registers() -> None:
+    """Registers given as whole floats or bools decode as their integers, as before."""
+    source = make_source(
+        [
+            {"channel": "a", "address": 0, "type": "uint16"},
+            {"channel": "b", "address": 1, "type": "bool", "bit": 0},
+        ]
+    )
+    (request,) = plan_for_source(source)
+    values = decode_request(request, [3.0, True])  # type: ignore[list-item]
+    assert [value.value for value in values] == [3.0, 1.0]
+
+
+def test_decode_unvalidated_point_raises() -> None:
+    """A point built without validation keeps the errors of decode_registers."""
+    middle = ModbusPoint.model_construct(channel="a", address=0, word_order="middle")
+    request = ReadRequest("holding", 0, 1, (middle,))
+    with pytest.raises(ValueError, match="invalid word_order 'middle'"):
+        decode_request(request, [0])
+
+    (wide,) = make_points(("holding", 0, "float32"))
+    request = ReadRequest("holding", 0, 1, (wide,))
+    with pytest.raises(ValueError, match=r"float32 needs 2 register\(s\), got 1"):
+        decode_request(request, [0])
+
+
+def test_point_value_immutable() -> None:
+    """A PointValue cannot be changed after decoding."""
+    source = make_source([{"channel": "a", "address": 0, "type": "uint16"}])
+    (request,) = plan_for_source(source)
+    (value,) = decode_request(request, [1])
+    assert value == PointValue(source.points[0], 1.0, "good")
+    with pytest.raises(AttributeError):
+        value.value = 2.0  # type: ignore[misc]
+
+
+def test_request_pickles() -> None:
+    """A pickled read decodes as the original does."""
+    source = make_source([{"channel": "a", "address": 0, "type": "int32", "order": "CDAB"}])
+    (request,) = plan_for_source(source)
+    copied = pickle.loads(pickle.dumps(request))  # noqa: S301 (bytes made just above)
+    assert copied == request
+    assert decode_request(copied, [1, 0]) == decode_request(request, [1, 0])

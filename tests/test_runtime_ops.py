@@ -258,9 +258,11 @@ async def test_writer_stale_while_appends_hang(
         release = asyncio.Event()
         real_append = agent.buffer.append
 
-        async def hanging_append(readings: list[Reading]) -> tuple[int, int]:
+        async def hanging_append(
+            readings: list[Reading], *, checked: bool = False
+        ) -> tuple[int, int]:
             await release.wait()
-            return await real_append(readings)
+            return await real_append(readings, checked=checked)
 
         monkeypatch.setattr(agent.buffer, "append", hanging_append)
         await agent._emit([Reading(1_000_000, "pumps", "spp", 1.0, "psi")])

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import gzip
-import json
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -19,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import httpx
+import orjson
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePrivateKey
 
@@ -112,7 +112,7 @@ def build_body(device_id: str, rig_id: str, readings: Sequence[StoredReading]) -
         "rig_id": rig_id,
         "readings": [reading_to_json(r) for r in readings],
     }
-    return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+    return orjson.dumps(body)
 
 
 def idempotency_key(device_id: str, readings: Sequence[StoredReading]) -> str:
@@ -170,6 +170,9 @@ class CloudSink:
     Readings go in seq order, except after an outage with a large backlog: then
     new readings go first and the backlog follows in batches marked with
     X-Rig-Backlog: 1, each lane in seq order.
+
+    While one batch is uploaded, each lane reads and encodes its next batch,
+    which it sends once the first is acknowledged.
 
     The cursor moves, or the lane's range is acknowledged, after each 2xx. A
     reading that the service rejects on its own (400 or 422) is copied to the
@@ -280,25 +283,28 @@ class CloudSink:
 
     async def _run_plain(self, client: httpx.AsyncClient) -> None:
         """Upload after the cursor in seq order; return once an outage leaves a large backlog."""
-        limit = self._cfg.batch_max_readings
         lane = _Lane(backlog=False, position=None)
         cursor = await self._buffer.cursor(self.name)
 
         def backlog_too_large() -> bool:
             return self._buffer.last_seq - cursor > self._cfg.backlog_threshold
 
+        batch, body = await self._prepare(self._read_after, cursor)
         while True:
             self._beat()
-            batch = await self._buffer.read_batch(self.name, limit, after_seq=cursor)
             if not batch:
                 idle = self._buffer.wait_for_data(cursor, timeout=self._cfg.interval)
                 await await_beating(idle, self._beat, self._cfg.interval)
+                batch, body = await self._prepare(self._read_after, cursor)
                 continue
             try:
-                await self._deliver(client, batch, lane, abort_if=backlog_too_large)
+                following = await self._deliver_reading_ahead(
+                    client, batch, body, lane, self._read_after, abort_if=backlog_too_large
+                )
             except _Replan:
                 return
             cursor = batch[-1].seq
+            batch, body = following
 
     async def _run_lanes(self, client: httpx.AsyncClient, state: LaneState) -> None:
         """Run the live lane and the backlog lane until the backlog is sent, or a new outage."""
@@ -329,17 +335,18 @@ class CloudSink:
         Raises _Replan when an upload fails while more than backlog_threshold
         readings wait above the lane's position, so that the sink splits again.
         """
-        limit = self._cfg.batch_max_readings
         lane = _Lane(backlog=False, position=position, live_ok=live_ok)
 
         def backlog_too_large() -> bool:
             return self._buffer.last_seq - (lane.position or 0) > self._cfg.backlog_threshold
 
+        batch, body = await self._prepare(self._read_after, position)
         while not backlog.done():
             self._beat()
-            batch = await self._buffer.read_batch(self.name, limit, after_seq=lane.position)
             if batch:
-                await self._deliver(client, batch, lane, abort_if=backlog_too_large)
+                batch, body = await self._deliver_reading_ahead(
+                    client, batch, body, lane, self._read_after, abort_if=backlog_too_large
+                )
                 continue
             idle = asyncio.ensure_future(
                 self._buffer.wait_for_data(lane.position or 0, timeout=self._cfg.interval)
@@ -350,6 +357,7 @@ class CloudSink:
             finally:
                 idle.cancel()
                 await asyncio.gather(idle, return_exceptions=True)
+            batch, body = await self._prepare(self._read_after, lane.position or 0)
 
     async def _backlog_lane(
         self, client: httpx.AsyncClient, state: LaneState, live_ok: asyncio.Event
@@ -362,19 +370,30 @@ class CloudSink:
         budget = None if rate is None else BacklogBudget(rate)
         started = time.monotonic()
         sent = 0
-        for first, last in ranges:
-            start = first
-            while start <= last:
-                self._beat()
-                limit = self._cfg.batch_max_readings
-                if budget is not None:
-                    limit = budget.max_readings(limit)
-                batch = await self._buffer.read_range(start, last, limit)
-                if not batch:
-                    break
-                await self._deliver(client, batch, lane, budget=budget)
-                sent += len(batch)
-                start = batch[-1].seq + 1
+
+        async def read_after(seq: int) -> list[StoredReading]:
+            """Read the next batch above `seq` in the pending ranges, or [] if none is left."""
+            # The limit is taken when the read starts, so that a lookahead read uses the
+            # bytes per reading that the budget learned from the batch before it.
+            limit = self._cfg.batch_max_readings
+            if budget is not None:
+                limit = budget.max_readings(limit)
+            for first, last in ranges:
+                if last <= seq:
+                    continue
+                batch = await self._buffer.read_range(max(first, seq + 1), last, limit)
+                if batch:
+                    return batch
+            return []
+
+        batch, body = await self._prepare(read_after, start_position)
+        while batch:
+            self._beat()
+            following = await self._deliver_reading_ahead(
+                client, batch, body, lane, read_after, budget=budget
+            )
+            sent += len(batch)
+            batch, body = following
         await self._buffer.end_split(self.name)
         self._log.info(
             "lanes_drained",
@@ -383,34 +402,82 @@ class CloudSink:
             cursor=await self._buffer.cursor(self.name),
         )
 
+    async def _read_after(self, seq: int) -> list[StoredReading]:
+        """Read the next batch of the plain lane or the live lane: the readings above `seq`."""
+        return await self._buffer.read_batch(self.name, self._cfg.batch_max_readings, after_seq=seq)
+
+    async def _prepare(
+        self, read_after: Callable[[int], Awaitable[list[StoredReading]]], seq: int
+    ) -> tuple[list[StoredReading], bytes]:
+        """Read the batch after `seq` and build its gzip body. An empty batch gets an empty body."""
+        batch = await read_after(seq)
+        if not batch:
+            return batch, b""
+        return batch, self._encode(batch)
+
+    def _encode(self, part: Sequence[StoredReading]) -> bytes:
+        """Return the gzip body of a batch or part of one."""
+        body = build_body(self._cfg.device_id, self._rig_id, part)
+        return gzip.compress(body, compresslevel=GZIP_LEVEL)
+
+    async def _deliver_reading_ahead(
+        self,
+        client: httpx.AsyncClient,
+        batch: list[StoredReading],
+        body: bytes,
+        lane: _Lane,
+        read_after: Callable[[int], Awaitable[list[StoredReading]]],
+        *,
+        abort_if: Callable[[], bool] | None = None,
+        budget: BacklogBudget | None = None,
+    ) -> tuple[list[StoredReading], bytes]:
+        """Deliver a batch while reading and encoding the next one, and return the next one.
+
+        The next batch is prepared in a task that runs while the request awaits the
+        service, so the agent's CPU work overlaps the service's. The task only reads.
+        Its batch is returned, and so sent, only after every reading of `batch` is
+        acknowledged or quarantined. When the delivery raises, the task is cancelled.
+        """
+        ahead = asyncio.create_task(self._prepare(read_after, batch[-1].seq))
+        try:
+            await self._deliver(client, batch, lane, body=body, abort_if=abort_if, budget=budget)
+            return await ahead
+        finally:
+            # cancel() also marks the exception of a finished task as retrieved, so asyncio
+            # does not log it, and gather() waits until a pending task has ended.
+            ahead.cancel()
+            await asyncio.gather(ahead, return_exceptions=True)
+
     async def _deliver(
         self,
         client: httpx.AsyncClient,
         batch: list[StoredReading],
         lane: _Lane,
         *,
+        body: bytes | None = None,
         abort_if: Callable[[], bool] | None = None,
         budget: BacklogBudget | None = None,
     ) -> None:
         """Upload a batch, split on 400, 413 and 422, until every part is stored or quarantined.
 
-        Parts are handled in seq order, so the lane's acknowledgements always move
-        forward over readings that are acknowledged or quarantined.
+        `body` is the gzip body of the whole batch if already built. The bodies of
+        parts after a split are built here. Parts are handled in seq order, so the
+        lane's acknowledgements always move forward over readings that are
+        acknowledged or quarantined.
         """
-        parts = [batch]
+        parts: list[tuple[list[StoredReading], bytes | None]] = [(batch, body)]
         while parts:
             self._beat()
-            part = parts.pop()
-            body = gzip.compress(
-                build_body(self._cfg.device_id, self._rig_id, part), compresslevel=GZIP_LEVEL
-            )
+            part, part_body = parts.pop()
+            if part_body is None:
+                part_body = self._encode(part)
             if budget is not None:
-                cost = budget.cost(len(part), len(body))
+                cost = budget.cost(len(part), len(part_body))
                 delay = budget.delay(cost)
                 if delay > 0:
                     await await_beating(self._sleep(delay), self._beat, delay)
                 budget.take(cost)
-            rejected = await self._upload(client, part, body, lane, abort_if)
+            rejected = await self._upload(client, part, part_body, lane, abort_if)
             if rejected is None:
                 await self._acknowledge(lane, part)
                 continue
@@ -418,7 +485,8 @@ class CloudSink:
                 await self._quarantine(lane, part, rejected)
                 continue
             # Pushed in reverse, so the lowest seqs are uploaded first.
-            parts.extend(reversed(_split(part, rejected.seq if rejected.status != 413 else None)))
+            pieces = _split(part, rejected.seq if rejected.status != 413 else None)
+            parts.extend((piece, None) for piece in reversed(pieces))
 
     async def _acknowledge(self, lane: _Lane, part: list[StoredReading]) -> None:
         if lane.position is None:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import math
+import operator
 import os
 import random
 import ssl
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import Any, NoReturn, Protocol, TypeVar
 
 import aiomqtt
+import orjson
 import structlog
 
 from buffer.reading import StoredReading, format_ts, now_us, reading_to_json
@@ -181,17 +184,16 @@ def group_readings(
     into each group, which cuts the message count while catching up.
     """
     groups: list[list[StoredReading]] = []
-    for reading in readings:
-        current = groups[-1] if groups else None
-        if (
-            current is None
-            or current[-1].source != reading.source
-            or len(current) >= max_per_message
-        ):
-            groups.append([reading])
-        else:
-            current.append(reading)
+    for _source, run in itertools.groupby(readings, key=_SOURCE):
+        same_source = list(run)
+        groups.extend(
+            same_source[start : start + max_per_message]
+            for start in range(0, len(same_source), max_per_message)
+        )
     return groups
+
+
+_SOURCE = operator.attrgetter("source")
 
 
 def build_payload(rig_id: str, readings: Sequence[StoredReading]) -> bytes:
@@ -201,7 +203,7 @@ def build_payload(rig_id: str, readings: Sequence[StoredReading]) -> bytes:
         "source": readings[0].source,
         "readings": [reading_to_json(r) for r in readings],
     }
-    return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+    return orjson.dumps(body)
 
 
 @dataclass(slots=True)
