@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Self, TextIO, TypeVar
+from typing import Self, TextIO, TypeVar, cast
 
 import structlog
 
@@ -1284,23 +1284,26 @@ class Buffer:
     def _insert_sync(self, conn: sqlite3.Connection, readings: list[Reading]) -> tuple[int, int]:
         new_channels: dict[tuple[str, str], int] = {}
         new_units: dict[int, str] = {}
-        rows: list[tuple[int, int, float | None, int]] = []
         unsaved_drops = self._unsaved_disk_drops
         channel_ids = self._channel_ids
         units = self._channel_units
-        codes = _QUALITY_CODES
+
+        # The usual batch is of known channels with unchanged units. Its rows are built
+        # column by column with zip and map, which loop in C.
+        ts_col, source_col, channel_col, value_col, unit_col, quality_col = zip(
+            *readings, strict=True
+        )
+        found = list(map(channel_ids.get, zip(source_col, channel_col, strict=True)))
+        ids = cast(list[int], found)
+        known = None not in found and tuple(map(units.__getitem__, ids)) == unit_col
 
         conn.execute("BEGIN IMMEDIATE")
         try:
-            for ts_us, source, channel, value, unit, quality in readings:
-                channel_id = channel_ids.get((source, channel))
-                if channel_id is None:
-                    channel_id = self._new_channel_id(conn, source, channel, unit, new_channels)
-                    # Also the unit of a channel's later readings in this batch.
-                    new_units[channel_id] = unit
-                elif units[channel_id] != unit:
-                    new_units[channel_id] = unit
-                rows.append((ts_us, channel_id, value, codes[quality]))
+            if known:
+                codes_col = map(_QUALITY_CODES.__getitem__, quality_col)
+                rows = list(zip(ts_col, ids, value_col, codes_col, strict=True))
+            else:
+                rows = self._rows_of_new_channels(conn, readings, new_channels, new_units)
             _insert_rows(conn, rows)
             if new_units:
                 conn.executemany(_UPDATE_CHANNEL_UNIT, [(u, i) for i, u in new_units.items()])
@@ -1328,6 +1331,30 @@ class Buffer:
             self._last_values_seq = last_seq
             self._last_values_due = time.monotonic() + LAST_VALUES_INTERVAL
         return last_seq - len(readings) + 1, last_seq
+
+    def _rows_of_new_channels(
+        self,
+        conn: sqlite3.Connection,
+        readings: list[Reading],
+        new_channels: dict[tuple[str, str], int],
+        new_units: dict[int, str],
+    ) -> list[tuple[int, int, float | None, int]]:
+        """Build the rows of a batch with new channels or changed units, one reading at a time.
+
+        Inserts the new channels and fills `new_channels` and `new_units`.
+        """
+        rows: list[tuple[int, int, float | None, int]] = []
+        units = self._channel_units
+        for ts_us, source, channel, value, unit, quality in readings:
+            channel_id = self._channel_ids.get((source, channel))
+            if channel_id is None:
+                channel_id = self._new_channel_id(conn, source, channel, unit, new_channels)
+                # Also the unit of a channel's later readings in this batch.
+                new_units[channel_id] = unit
+            elif units[channel_id] != unit:
+                new_units[channel_id] = unit
+            rows.append((ts_us, channel_id, value, _QUALITY_CODES[quality]))
+        return rows
 
     def _save_last_values(self, conn: sqlite3.Connection) -> None:
         """Write the last values up to last_seq in a transaction of their own.
