@@ -42,6 +42,7 @@ __all__ = [
     "SinkBacklog",
     "SinkStats",
     "check_reading",
+    "check_readings",
     "read_stats",
 ]
 
@@ -180,10 +181,10 @@ _RAISE_COUNTER_TO = """
 _DROPPED_ROWS_OF_SINK = "dropped_rows:{sink}"
 """Counter, per sink, of rows above that sink's cursor deleted by the size cap."""
 _LAST_VALUES_SEQ = "last_values_seq"
-"""Counter: the seq up to which the channels table holds the newest value of each channel."""
-# Bare columns next to max() come from the row holding the maximum, so the subquery gives
-# the newest reading of each channel above the seq: readings of one channel are stored in
-# the order they were read, so that is the newest even if the clock stepped back.
+"""Counter: the seq up to which the channels table contains the newest value of each channel."""
+# Bare columns next to max() come from the row with the maximum, so the subquery gives the
+# newest reading of each channel above the seq. Readings of one channel are stored in the
+# order they were read, so that is the newest even if the clock stepped back.
 _NEWEST_ABOVE = """
     SELECT channel_id, ts_us, value, quality, max(seq) FROM readings
     WHERE seq > ? GROUP BY channel_id
@@ -458,6 +459,39 @@ class _State(enum.Enum):
     CLOSED = "closed"
 
 
+def check_readings(readings: Sequence[Reading]) -> None:
+    """Run `check_reading` on every reading, in C for a batch where every field is right.
+
+    Raises the TypeError of the first reading with a field the buffer cannot store.
+    """
+    if readings and _columns_storable(readings):
+        return
+    for reading in readings:
+        check_reading(reading)
+
+
+def _columns_storable(readings: Sequence[Reading]) -> bool:
+    """Return whether every field of every reading has a type the buffer can store."""
+    try:
+        ts_col, source_col, channel_col, value_col, unit_col, quality_col = zip(
+            *readings, strict=True
+        )
+        return (
+            all(map(isinstance, ts_col, itertools.repeat(int)))
+            and all(map(isinstance, value_col, itertools.repeat(_VALUE_TYPES)))
+            and set(quality_col) <= _QUALITY_CODES.keys()
+            and all(map(isinstance, source_col, itertools.repeat(str)))
+            and all(map(isinstance, channel_col, itertools.repeat(str)))
+            and all(map(isinstance, unit_col, itertools.repeat(str)))
+        )
+    except (TypeError, ValueError):
+        # Not six fields each, or an unhashable quality: check_reading names the field.
+        return False
+
+
+_VALUE_TYPES = (float, int, type(None))
+
+
 def check_reading(reading: Reading) -> None:
     """Raise TypeError unless every field of the reading has a type the buffer can store.
 
@@ -718,6 +752,9 @@ class Buffer:
         self._lock_file: TextIO | None = None
         self._channel_ids: dict[tuple[str, str], int] = {}
         self._channel_units: dict[int, str] = {}
+        # Raised after each commit that changes a channel's unit, so that _read_recent
+        # leaves batches committed before it to SQLite, which reads the current unit.
+        self._units_version = 0
         self._deleted_up_to = 0
         self._page_size = 4096
         self._budget: _SizeBudget | None = None
@@ -734,7 +771,7 @@ class Buffer:
         self._disk_log = _RepeatedEvent(DROP_LOG_INTERVAL)
         self._cap_error_log = _RepeatedEvent(DROP_LOG_INTERVAL)
         self._dropping_batches = False
-        # The channels table holds the newest value of each channel up to this seq.
+        # The channels table contains the newest value of each channel up to this seq.
         self._last_values_seq = 0
         self._last_values_due = -math.inf
         # The newest committed batches as (first seq, readings), oldest first, at most
@@ -744,6 +781,8 @@ class Buffer:
         self._recent: deque[tuple[int, list[Reading]]] = deque()
         self._recent_count = 0
         self._recent_floor = 0
+        # The _units_version of the batches held, all committed with the same units.
+        self._recent_units_version = 0
 
     async def __aenter__(self) -> Self:
         await self.open()
@@ -819,8 +858,8 @@ class Buffer:
         deleted oldest first. The transaction completes on the SQLite thread even
         if the caller is cancelled.
 
-        Each reading goes through `check_reading` first, unless `checked` says the
-        caller has done that already (as BufferWriter does).
+        Each reading goes through `check_reading` first, unless `checked` is True
+        because the caller has done that already (as BufferWriter does).
         """
         self._require_open()
         if not readings:
@@ -862,12 +901,16 @@ class Buffer:
         """Return the readings above `after_seq` from memory, or None when they are not all there.
 
         The readings come back as SQLite would return them: NaN as None, numbers as
-        float, the quality as a Quality. They carry the unit they were stored with.
+        float, the quality as a Quality, and the channel's current unit. Batches
+        committed before a unit change are not served, because their readings
+        carry the old unit.
         """
         if after_seq >= self._last_seq:
             return []
         start = after_seq + 1
         if not self._recent or start < max(self._recent[0][0], self._recent_floor):
+            return None
+        if self._units_version != self._recent_units_version:
             return None
         as_quality = _AS_QUALITY
         # tuple.__new__ with all seven fields builds the same StoredReading as its
@@ -1051,14 +1094,16 @@ class Buffer:
         self._data_event.set()
         self._data_event = asyncio.Event()
 
-    def _on_commit(self, first_seq: int, readings: list[Reading]) -> None:
+    def _on_commit(self, first_seq: int, readings: list[Reading], units_version: int) -> None:
         """Keep a committed batch in memory for `read_batch`, then wake the waiting sinks."""
         recent = self._recent
         contiguous = bool(recent) and recent[-1][0] + len(recent[-1][1]) == first_seq
-        if not contiguous or len(readings) > RECENT_READINGS:
-            # A batch after a gap (never expected) or a batch too large to hold.
+        same_units = units_version == self._recent_units_version
+        if not contiguous or not same_units or len(readings) > RECENT_READINGS:
+            # A batch after a gap (never expected), after a unit change, or too large.
             recent.clear()
             self._recent_count = 0
+            self._recent_units_version = units_version
         if len(readings) <= RECENT_READINGS:
             recent.append((first_seq, readings))
             self._recent_count += len(readings)
@@ -1255,8 +1300,7 @@ class Buffer:
 
     def _append_sync(self, readings: list[Reading], *, checked: bool = False) -> tuple[int, int]:
         if not checked:
-            for reading in readings:
-                check_reading(reading)
+            check_readings(readings)
         conn = self._connection()
         nothing = (self._last_seq + 1, self._last_seq)
         shortage = self._space_shortage(len(readings))
@@ -1307,6 +1351,9 @@ class Buffer:
             _insert_rows(conn, rows)
             if new_units:
                 conn.executemany(_UPDATE_CHANNEL_UNIT, [(u, i) for i, u in new_units.items()])
+                if any(channel_id in units for channel_id in new_units):
+                    # Raised before the commit: from here on, reads go to SQLite.
+                    self._units_version += 1
             last_seq = _fetch_last_seq(conn)
             # A new channel's value is written at once, so it shows in read_stats
             # without waiting for the next interval.
@@ -1328,8 +1375,7 @@ class Buffer:
         self._unsaved_disk_drops -= unsaved_drops
         self._notify_loop(last_seq - len(readings) + 1, readings)
         if save_last_values:
-            self._last_values_seq = last_seq
-            self._last_values_due = time.monotonic() + LAST_VALUES_INTERVAL
+            self._last_values_saved()
         return last_seq - len(readings) + 1, last_seq
 
     def _rows_of_new_channels(
@@ -1341,7 +1387,8 @@ class Buffer:
     ) -> list[tuple[int, int, float | None, int]]:
         """Build the rows of a batch with new channels or changed units, one reading at a time.
 
-        Inserts the new channels and fills `new_channels` and `new_units`.
+        Inserts the new channels and fills `new_channels`, and `new_units` with the
+        units of new channels and the changed units.
         """
         rows: list[tuple[int, int, float | None, int]] = []
         units = self._channel_units
@@ -1374,6 +1421,22 @@ class Buffer:
             if not _is_disk_error(exc):
                 raise
             return
+        self._last_values_saved()
+
+    def _write_last_values_before_delete(self, conn: sqlite3.Connection, up_to: int) -> bool:
+        """Write the last values before a delete of rows up to `up_to`; return whether it did.
+
+        Runs within the caller's transaction, and only when some of those rows are
+        above the last write, so that the size cap deletes no channel's newest
+        reading before its value is copied.
+        """
+        if self._last_values_seq >= up_to:
+            return False
+        _write_last_values(conn, self._last_values_seq, self._last_seq)
+        return True
+
+    def _last_values_saved(self) -> None:
+        """Record that the channels table now contains the last values up to last_seq."""
         self._last_values_seq = self._last_seq
         self._last_values_due = time.monotonic() + LAST_VALUES_INTERVAL
 
@@ -1506,6 +1569,7 @@ class Buffer:
         self._recent_floor = max(self._recent_floor, up_to + 1)
         conn.execute("BEGIN IMMEDIATE")
         try:
+            saved_last_values = self._write_last_values_before_delete(conn, up_to)
             conn.execute(_DELETE_UP_TO, (up_to,))
             if dropped:
                 conn.execute(_ADD_TO_COUNTER, (DROPPED_ROWS, dropped))
@@ -1517,6 +1581,8 @@ class Buffer:
             _rollback(conn)
             raise
 
+        if saved_last_values:
+            self._last_values_saved()
         self._apply_lane_update(update)
         self._dropped_rows += dropped
         for sink, rows in lost.items():
@@ -1583,7 +1649,9 @@ class Buffer:
             return
         # The loop may already be closed when a transaction finishes during shutdown.
         with contextlib.suppress(RuntimeError):
-            self._loop.call_soon_threadsafe(self._on_commit, first_seq, readings)
+            self._loop.call_soon_threadsafe(
+                self._on_commit, first_seq, readings, self._units_version
+            )
 
     def _read_batch_sync(self, after_seq: int, limit: int) -> list[StoredReading]:
         rows = self._connection().execute(_SELECT_BATCH, (after_seq, limit)).fetchall()
@@ -1762,10 +1830,17 @@ class Buffer:
         end are deleted up to a seq. Rows further up that were acknowledged by range
         are deleted as a range, which is recorded in deleted_ranges.
         """
+        conn = self._connection()
+        if self._last_values_seq < self._last_seq and time.monotonic() >= self._last_values_due:
+            # Without commits, as between the polls of a slow source, the cleanup writes the
+            # last values.
+            self._save_last_values(conn)
         if not self.sinks:
             return 0, False
         low = self._deleted_up_to + 1
-        candidates = self._acknowledged_by_all(low, self._last_seq)
+        # Rows whose values are not in the channels table yet wait for the next cleanup,
+        # so that no channel's newest reading is deleted before its value is copied.
+        candidates = self._acknowledged_by_all(low, self._last_values_seq)
         for first, last in self._deleted_ranges:
             candidates.remove(first, last)
         if not candidates:
@@ -1774,7 +1849,6 @@ class Buffer:
         last = min(last, first + DELETE_CHUNK_ROWS - 1)
         more = last < (candidates.last() or 0)
 
-        conn = self._connection()
         self._recent_floor = max(self._recent_floor, last + 1)
         conn.execute("BEGIN IMMEDIATE")
         try:

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import structlog
 
 from buffer.reading import Reading
-from buffer.store import Buffer, check_reading
+from buffer.store import Buffer, check_readings
 
 __all__ = ["BufferWriter"]
 
@@ -79,8 +79,7 @@ class BufferWriter:
         Either all readings are accepted or, if the call is cancelled or raises, none.
         Raises TypeError for a reading whose fields the buffer cannot store.
         """
-        for reading in readings:
-            check_reading(reading)
+        check_readings(readings)
         while len(self._pending) >= self._max_pending:
             self._has_space.clear()
             await self._has_space.wait()

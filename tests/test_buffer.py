@@ -8,6 +8,7 @@ import datetime as dt
 import itertools
 import json
 import os
+import re
 import signal
 import sqlite3
 import stat
@@ -28,10 +29,12 @@ from buffer.reading import Quality, Reading, StoredReading, format_ts
 from buffer.store import (
     DB_FILENAME,
     LAST_VALUES_INTERVAL,
+    MIN_MAX_BYTES,
     RECENT_READINGS,
     Buffer,
     BufferStats,
     ForeignDatabaseError,
+    check_readings,
     read_stats,
 )
 from buffer.writer import BufferWriter
@@ -502,7 +505,7 @@ async def test_last_values_recovered_after_sigkill(tmp_path: Path) -> None:
 
 @pytest.mark.usefixtures("last_values_sql")
 async def test_last_values_written_at_most_once_per_interval(buffer: Buffer) -> None:
-    """Other processes see last values up to LAST_VALUES_INTERVAL late; stats() sees them now."""
+    """read_stats gets last values up to LAST_VALUES_INTERVAL late, and stats() at once."""
     await buffer.append([Reading(1_000_000, "pumps", "spp", 1.0, "psi")])
     await buffer.append([Reading(2_000_000, "pumps", "spp", 2.0, "psi")])
     assert channel_values(read_stats(buffer.data_dir, []))["spp"][1] == 1.0
@@ -516,6 +519,55 @@ async def test_last_values_written_at_most_once_per_interval(buffer: Buffer) -> 
     stats = await buffer.stats()
     assert [(c.value, c.unit) for c in stats.channels] == [(4.0, "bar")]
     assert channel_values(read_stats(buffer.data_dir, []))["spp"][1] == 4.0
+
+
+@pytest.mark.usefixtures("last_values_sql")
+async def test_last_values_written_before_rows_deleted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Acknowledged rows wait for their values to reach the channels table before deletion."""
+    monkeypatch.setattr(store_module, "LAST_VALUES_INTERVAL", 3600.0)
+    async with Buffer(tmp_path, ["mqtt"], cleanup_interval=3600) as buffer:
+        await buffer.append([Reading(1_000_000, "slow", "counter", 1.0, "")])
+        await buffer.append([Reading(4_000_000, "slow", "counter", 2.0, "")])
+        await buffer.commit_cursor("mqtt", buffer.last_seq)
+        assert await buffer.delete_acknowledged() == 1
+        assert count_rows(tmp_path) == 1
+        await buffer.stats()
+        assert await buffer.delete_acknowledged() == 1
+        assert count_rows(tmp_path) == 0
+        assert channel_values(read_stats(tmp_path, [])) == {
+            "counter": (4_000_000, 2.0, Quality.GOOD)
+        }
+
+
+async def test_last_values_written_by_cleanup_without_commits(buffer: Buffer) -> None:
+    """A value committed just after a write reaches the file at the next due cleanup."""
+    await buffer.append([Reading(1_000_000, "slow", "counter", 1.0, "")])
+    await buffer.append([Reading(4_000_000, "slow", "counter", 2.0, "")])
+    await buffer.delete_acknowledged()
+    assert channel_values(read_stats(buffer.data_dir, []))["counter"][1] == 1.0
+    await asyncio.sleep(LAST_VALUES_INTERVAL)
+    await buffer.delete_acknowledged()
+    assert channel_values(read_stats(buffer.data_dir, []))["counter"][1] == 2.0
+
+
+@pytest.mark.usefixtures("last_values_sql")
+async def test_last_values_written_before_size_cap_deletes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The size cap's delete of unacknowledged rows also copies their newest values first."""
+    monkeypatch.setattr(store_module, "LAST_VALUES_INTERVAL", 3600.0)
+    async with Buffer(tmp_path, ["mqtt"], max_bytes=MIN_MAX_BYTES, cleanup_interval=3600) as buf:
+        await buf.append(make_readings(1, channel="slow"))
+        for start in range(1, 60_001, 5_000):
+            await buf.append(make_readings(5_000, start=start, channel="fast"))
+        await buf.append([Reading(2_000_000_000_000_000, "pumps", "slow", 7.0, "psi")])
+        for start in range(60_001, 120_001, 5_000):
+            await buf.append(make_readings(5_000, start=start, channel="fast"))
+        stats = read_stats(tmp_path, ["mqtt"])
+    assert stats.dropped_rows > 0
+    assert channel_values(stats)["slow"] == (2_000_000_000_000_000, 7.0, Quality.GOOD)
 
 
 # Reads served from memory
@@ -570,6 +622,18 @@ async def test_large_batches_keep_their_order(buffer: Buffer) -> None:
     assert [r.channel for r in stored] == channels
 
 
+async def test_unit_change_reads_from_the_database(buffer: Buffer) -> None:
+    """After a unit change, readings stored before it come from SQLite with the new unit."""
+    await buffer.append(make_readings(3))
+    await buffer.append([Reading(5_000_000, "pumps", "spp", 12.0, "bar")])
+    await asyncio.sleep(0)
+    assert buffer._read_recent(0, 10) is None
+    assert [r.seq for r in buffer._read_recent(3, 10) or []] == [4]
+    batch = await buffer.read_batch("mqtt", 10, after_seq=0)
+    assert batch == await on_disk(buffer, 0, 10)
+    assert [r.unit for r in batch] == ["bar"] * 4
+
+
 async def test_recent_reads_skip_deleted_rows(tmp_path: Path) -> None:
     """Rows deleted by acknowledgement or by the size cap are never served from memory."""
     async with Buffer(tmp_path, ["mqtt"], cleanup_interval=3600) as buffer:
@@ -577,6 +641,7 @@ async def test_recent_reads_skip_deleted_rows(tmp_path: Path) -> None:
             await buffer.append(make_readings(10, start=start))
         await asyncio.sleep(0)
         await buffer.commit_cursor("mqtt", 25)
+        await buffer.stats()  # writes the last values, which deletes wait for
         assert await buffer.delete_acknowledged() == 25
         assert buffer._read_recent(10, 100) is None
         batch = await buffer.read_batch("mqtt", 100, after_seq=10)
@@ -765,3 +830,24 @@ def test_format_ts_repeats_and_alternates() -> None:
     ]
     expected = [text.replace("+00:00", "Z") for text in expected]
     assert [format_ts(ts) for ts in stamps] == expected
+
+
+@pytest.mark.parametrize(
+    ("field", "bad", "message"),
+    [
+        ("ts_us", 1.5, "ts_us 1.5"),
+        ("value", "high", "value 'high'"),
+        ("quality", "fine", "quality 'fine'"),
+        ("source", None, "source None"),
+        ("channel", 7, "channel 7"),
+        ("unit", b"psi", "unit b'psi'"),
+    ],
+)
+def test_check_readings_names_the_bad_field(field: str, bad: object, message: str) -> None:
+    """A batch with one unstorable field raises the TypeError check_reading gives for it."""
+    good = make_readings(3)
+    batch = [good[0], good[1]._replace(**{field: bad}), good[2]]
+    with pytest.raises(TypeError, match=re.escape(message)):
+        check_readings(batch)
+    check_readings(good)
+    check_readings([Reading(1, "pumps", "spp", None, "psi", "bad")])  # type: ignore[arg-type]
