@@ -459,6 +459,10 @@ class _State(enum.Enum):
     CLOSED = "closed"
 
 
+_VALUE_TYPES = (float, int, type(None))
+"""Types a reading's value may have: SQLite stores ints as REAL and None as NULL."""
+
+
 def check_readings(readings: Sequence[Reading]) -> None:
     """Run `check_reading` on every reading, in C for a batch where every field is right.
 
@@ -487,9 +491,6 @@ def _columns_storable(readings: Sequence[Reading]) -> bool:
     except (TypeError, ValueError):
         # Not six fields each, or an unhashable quality: check_reading names the field.
         return False
-
-
-_VALUE_TYPES = (float, int, type(None))
 
 
 def check_reading(reading: Reading) -> None:

@@ -141,8 +141,8 @@ class ModbusDriver:
     async def _poll_forever(self, emit: Emit) -> None:
         loop = asyncio.get_running_loop()
         interval = self.source.poll_interval
-        # The first poll runs at once; later polls follow a grid offset by the phase,
-        # so that sources with the same interval do not all poll on one tick.
+        # The first poll runs at once. Later polls follow a grid offset by the phase, so
+        # that sources with the same interval do not all poll on one tick.
         readings = await self._poll_once()
         if readings:
             await emit(readings)
@@ -222,8 +222,8 @@ class ModbusDriver:
         try:
             decoded = decode_request(request, data)
         except ValueError as exc:
-            # bus.read checks the length, so this is a response pymodbus let through with
-            # a value no register can hold; the other requests of the poll go on.
+            # bus.read checks the length, so pymodbus let through a value no register can
+            # hold. Only this request's points become bad, and the poll goes on.
             self.counters.invalid_responses += 1
             return self._request_failed(index, request, str(exc)), True
         return self._request_read(index, request, decoded), True

@@ -574,7 +574,7 @@ async def test_last_values_written_before_size_cap_deletes(
 
 
 async def on_disk(buffer: Buffer, after_seq: int, limit: int) -> list[StoredReading]:
-    """The readings above after_seq as the database file holds them."""
+    """Return the readings above after_seq as the database file contains them."""
     rows = [r for r in iter_readings(buffer.data_dir) if r.seq > after_seq]
     return rows[:limit]
 

@@ -454,7 +454,7 @@ async def test_oversized_batch_split(
 # --- lookahead: the next batch is prepared during the upload -----------------------
 
 RESPONSE_DELAY_MAX_S = 1.0
-"""Longest time in seconds that the recording service delays a response to wait for a read."""
+"""Maximum seconds the recording service delays a response while it waits for a read."""
 
 
 class ObservedBuffer(Buffer):
